@@ -1,0 +1,3 @@
+from darkspec.cli import main
+
+raise SystemExit(main())
