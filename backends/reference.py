@@ -1,0 +1,26 @@
+"""The NumPy reference as a backend: the definition every other backend is checked against."""
+
+from __future__ import annotations
+
+from darkspec.reference import reorg, shortcut
+from darkspec.reference.dialects import Dialect
+
+
+class ReferenceBackend:
+    name = "reference"
+    dialects = frozenset(d.value for d in Dialect)
+
+    def shortcut_forward(self, x, froms, weights, **settings):
+        return shortcut.forward(x, froms, weights, **settings)
+
+    def shortcut_backward(self, x, froms, weights, delta, **settings):
+        return shortcut.backward(x, froms, weights, delta, **settings)
+
+    def shortcut_update(self, weights, weight_updates, hyper, dialect):
+        return shortcut.update(weights, weight_updates, hyper, dialect)
+
+    def reorg_forward(self, x, stride, reverse, old):
+        return (reorg.reorg_old_forward if old else reorg.reorg3d_forward)(x, stride, reverse)
+
+    def reorg_backward(self, delta, stride, reverse, old):
+        return (reorg.reorg_old_backward if old else reorg.reorg3d_backward)(delta, stride, reverse)

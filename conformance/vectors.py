@@ -1,0 +1,237 @@
+"""``darkspec vectors``: replay Darknet recordings through a backend and compare every recorded array.
+
+For each recording:
+- a cfg that Darknet's parser refused must be refused by darkspec's parser too, or be accepted through a
+  deliberate difference the spec names (``cfg.DELIBERATE_DIFFERENCES``);
+- a cfg that Darknet ran must run the same here: forward, backward and update are compared array by array; where
+  darkspec refuses it, the refusal must be a deliberate difference;
+- a case where Darknet crashed must raise a ``DarkspecError`` at the same pass (or be refused at parse time).
+
+The output is one line per case and a closing ``N passed, M failed, K skipped`` line. This is a stable interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from darkspec.backends.reference import ReferenceBackend
+from darkspec.conformance import recordings as rec
+from darkspec.conformance.compare import Comparison, Tolerance, compare
+from darkspec.errors import DarkspecError
+from darkspec.reference.cfg import DELIBERATE_DIFFERENCES
+from darkspec.reference.dialects import Dialect, Quirk
+from darkspec.reference.network import Network, ReorgSection, parse_network
+from darkspec.reference.shortcut import ShortcutParams, UpdateParams
+
+PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+
+#: The dialect and quirks of the Darknet build each library's recordings come from (a recording may name its own
+#: ``dialect`` and ``quirks`` in its parameters instead). The AlexeyAB recordings come from a CPU build.
+RECORDING_DIALECTS = {
+    "alexeyab": (
+        Dialect.DARKNET_CPU,
+        frozenset({Quirk.CPU_FASTPATH_INPUT_DIMS, Quirk.CPU_RELU6_ZERO, Quirk.SHORTCUT_UNEVALUATED_ACTIVATIONS}),
+    ),
+    "pjreddie": (Dialect.PJREDDIE, frozenset()),
+}
+
+EXACT = Tolerance.exact()
+
+
+def darknet_tolerance(recording: rec.Recording) -> Tolerance:
+    """Against float32 Darknet (spec/tolerances.md#darknet-recordings): within 4 ulp, or within 4 float32 epsilons
+    of the largest magnitude in the case. Darknet's -Ofast build rounds its sums and exp differently from the
+    reference's correctly rounded ones; where a sum cancels, that error is small against its terms, not its result.
+    """
+    magnitude = max((float(np.abs(a).max()) for a in recording.arrays.values() if a.size and np.isfinite(a).all()),
+                    default=0.0)
+    return Tolerance(ulps=4, atol=4 * float(np.finfo(np.float32).eps) * magnitude)
+
+
+@dataclass
+class CaseResult:
+    name: str
+    verdict: str
+    comparisons: list[Comparison] = field(default_factory=list)
+    detail: str = ""
+
+    def worst(self) -> Comparison | None:
+        if not self.comparisons:
+            return None
+        failed = [c for c in self.comparisons if not c.passed]
+        return (failed or sorted(self.comparisons, key=lambda c: (c.max_ulp, c.max_abs)))[-1]
+
+    def line(self) -> str:
+        worst = self.worst()
+        text = f"{self.name:<48} {self.verdict}"
+        if worst is not None:
+            text += f"  worst {worst.describe()}"
+        if self.detail:
+            text += f"  ({self.detail})"
+        return text
+
+
+def _dialect_of(recording: rec.Recording):
+    if "dialect" in recording.params:
+        return Dialect(recording.params["dialect"]), frozenset(Quirk(q) for q in recording.params.get("quirks", []))
+    return RECORDING_DIALECTS[recording.library]
+
+
+def _cfg_of(recording: rec.Recording) -> str:
+    """The cfg whose semantics the arrays record: where the recording tool changed a setting after parsing, the
+    cfg the parser refused holds that setting."""
+    if recording.params.get("harness_env") and recording.params.get("rejected_cfg"):
+        return recording.params["rejected_cfg"]["cfg"]
+    return recording.cfg
+
+
+def _deliberate(codes) -> str:
+    return ", ".join(f"{code} ({DELIBERATE_DIFFERENCES[code]})" for code in codes)
+
+
+def replay(recording: rec.Recording, backend=None) -> CaseResult:
+    backend = backend or ReferenceBackend()
+    name = recording.name
+    if recording.layer_type not in ("shortcut", "reorg3d", "reorg"):
+        return CaseResult(name, SKIP, detail=f"op [{recording.layer_type}] is not implemented")
+    library = "pjreddie" if recording.library == "pjreddie" else "alexeyab"
+    try:
+        network = parse_network(_cfg_of(recording), library)
+    except DarkspecError as error:
+        if recording.status != rec.OK:
+            return CaseResult(name, PASS, detail=f"Darknet {recording.status}; darkspec refuses: {error}")
+        if error.code in DELIBERATE_DIFFERENCES:
+            return CaseResult(name, PASS, detail=f"darkspec refuses deliberately: {_deliberate([error.code])}")
+        return CaseResult(name, FAIL, detail=f"Darknet accepted the cfg; darkspec refuses: {error}")
+    if recording.status == rec.PARSE_FAILED:
+        if network.deviations:
+            return CaseResult(name, PASS, detail=f"darkspec accepts deliberately: {_deliberate(network.deviations)}")
+        return CaseResult(name, FAIL, detail="Darknet's parser refused the cfg; darkspec accepts it")
+    dialect, quirks = _dialect_of(recording)
+    if dialect.value not in backend.dialects:
+        return CaseResult(name, SKIP, detail=f"backend {backend.name} does not run dialect {dialect.value}")
+    layer = network.layers[-1]
+    run = _replay_reorg if isinstance(layer.op, ReorgSection) else _replay_shortcut
+    return run(recording, network, backend, dialect, quirks)
+
+
+class _Checker:
+    """Collects comparisons of computed arrays against the recorded ones."""
+
+    def __init__(self, recording: rec.Recording, tolerance: Tolerance):
+        self.recording = recording
+        self.tolerance = tolerance
+        self.comparisons: list[Comparison] = []
+
+    def check(self, name: str, actual, undefined=None):
+        if name in self.recording.arrays:
+            self.comparisons.append(compare(name, self.recording.arrays[name], actual, self.tolerance, undefined))
+
+    def result(self, detail: str = "") -> CaseResult:
+        verdict = PASS if all(c.passed for c in self.comparisons) else FAIL
+        return CaseResult(self.recording.name, verdict, self.comparisons, detail)
+
+
+def _run_pass(recording, checker: _Checker, crash_status: str, call: Callable[[], object]):
+    """Run one pass. Where Darknet crashed in it, darkspec must raise. Returns (finished result or None, value)."""
+    crashed_here = recording.status == crash_status
+    try:
+        value = call()
+    except DarkspecError as error:
+        if crashed_here:
+            return checker.result(f"Darknet {recording.status}; darkspec refuses: {error}"), None
+        checker.comparisons.append(Comparison(crash_status, False, np.inf, np.inf, 0, problem=f"refused: {error}"))
+        return checker.result(), None
+    if crashed_here:
+        return CaseResult(recording.name, FAIL, checker.comparisons,
+                          f"Darknet {recording.status} but darkspec computed a result"), None
+    return None, value
+
+
+def _replay_reorg(recording, network: Network, backend, dialect, quirks) -> CaseResult:
+    op: ReorgSection = network.layers[-1].op
+    checker = _Checker(recording, EXACT)
+    arrays = recording.arrays
+    done, output = _run_pass(recording, checker, rec.CRASH_IN_FORWARD,
+                             lambda: backend.reorg_forward(arrays["x"], op.stride, op.reverse, old=op.old))
+    if done:
+        return done
+    checker.check("output", output)
+    if "delta" in arrays:
+        checker.check("dx", backend.reorg_backward(arrays["delta"], op.stride, op.reverse, old=op.old))
+    return checker.result()
+
+
+def _replay_shortcut(recording, network: Network, backend, dialect, quirks) -> CaseResult:
+    layer = network.layers[-1]
+    op = layer.op
+    arrays = recording.arrays
+    x = arrays["x"]
+    froms = [arrays[f"from{i}"] for i in range(len(op.from_layers))]
+    weights = arrays.get("weights")
+    from_input_shapes = [network.layers[i].input_shape for i in op.from_layers]
+    params: ShortcutParams = op.params
+    checker = _Checker(recording, darknet_tolerance(recording))
+    kwargs = dict(params=params, dialect=dialect.value, quirks=quirks, from_input_shapes=from_input_shapes)
+
+    done, output = _run_pass(recording, checker, rec.CRASH_IN_FORWARD,
+                             lambda: backend.shortcut_forward(x, froms, weights, **kwargs))
+    if done:
+        return done
+    undefined = np.isnan(output) & ~np.isnan(arrays["output"]) if Quirk.CPU_FASTPATH_INPUT_DIMS in quirks else None
+    checker.check("output", output, undefined)
+    if "delta" not in arrays:
+        return checker.result()
+
+    done, grads = _run_pass(recording, checker, rec.CRASH_AFTER_FORWARD, lambda: backend.shortcut_backward(
+        x, froms, weights, arrays["delta"], weight_updates=arrays.get("weight_updates_init"), **kwargs))
+    if done:
+        return done
+    checker.check("delta_after_gradient", grads.delta, undefined)
+    _check_input_deltas(recording, checker, layer.index, op.from_layers, grads.input_deltas)
+    if grads.weight_updates is None:
+        return checker.result()
+    checker.check("weight_updates_after_backward", grads.weight_updates)
+    if "weights_after_update" in arrays:
+        update = recording.update
+        hyper = UpdateParams(learning_rate=update["learning_rate"], momentum=update["momentum"],
+                             decay=update["decay"], batch=update["batch"],
+                             learning_rate_scale=update.get("learning_rate_scale", 1.0))
+        weights_after, updates_after = backend.shortcut_update(weights, grads.weight_updates, hyper,
+                                                               dialect=dialect.value)
+        checker.check("weights_after_update", weights_after)
+        checker.check("weight_updates_after_update", updates_after)
+    return checker.result()
+
+
+def _check_input_deltas(recording, checker, index, from_layers, input_deltas):
+    """Darknet adds each input's delta into that layer's delta buffer, slot by slot; a layer named twice (or the
+    previous layer named in from=) receives every one of its contributions, in slot order."""
+    arrays = recording.arrays
+    sources = [index - 1, *from_layers]
+    initial = {"dx_init": index - 1, **{f"dfrom{i}_init": layer for i, layer in enumerate(from_layers)}}
+    buffers = {layer: arrays[f"L{layer}_delta_init"].copy() for layer in sources if f"L{layer}_delta_init" in arrays}
+    for name, layer in initial.items():
+        if layer not in buffers and name in arrays:
+            buffers[layer] = arrays[name].copy()
+    for layer, contribution in zip(sources, input_deltas):
+        buffers[layer] = buffers[layer] + contribution
+    checker.check("dx", buffers[index - 1])
+    for i, layer in enumerate(from_layers):
+        checker.check(f"dfrom{i}", buffers[layer])
+    for layer, value in buffers.items():
+        checker.check(f"L{layer}_delta", value)
+
+
+def run_vectors(paths, backend=None, write=print) -> int:
+    """Replay every recording under ``paths``; print one line per case and the totals; return the exit status."""
+    counts = {PASS: 0, FAIL: 0, SKIP: 0}
+    for recording in rec.iter_recordings(*paths):
+        result = replay(recording, backend)
+        counts[result.verdict] += 1
+        write(result.line())
+    write(f"{counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped")
+    return 1 if counts[FAIL] else 0
