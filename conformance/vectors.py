@@ -12,11 +12,12 @@ The output is one line per case and a closing ``N passed, M failed, K skipped`` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 
+from darkspec.backends.base import REORG_DIALECT, Capability
 from darkspec.backends.reference import ReferenceBackend
 from darkspec.conformance import recordings as rec
 from darkspec.conformance.compare import Comparison, Tolerance, compare
@@ -75,6 +76,7 @@ class CaseResult:
 
 
 def _dialect_of(recording: rec.Recording):
+    """The dialect and quirks to replay a recording in: its own, or those of the library that made it."""
     if "dialect" in recording.params:
         return Dialect(recording.params["dialect"]), frozenset(Quirk(q) for q in recording.params.get("quirks", []))
     return RECORDING_DIALECTS[recording.library]
@@ -97,7 +99,8 @@ def replay(recording: rec.Recording, backend=None) -> CaseResult:
     name = recording.name
     if recording.layer_type not in ("shortcut", "reorg3d", "reorg"):
         return CaseResult(name, SKIP, detail=f"op [{recording.layer_type}] is not implemented")
-    library = "pjreddie" if recording.library == "pjreddie" else "alexeyab"
+    dialect, quirks = _dialect_of(recording)
+    library = "pjreddie" if dialect == Dialect.PJREDDIE else "alexeyab"
     try:
         network = parse_network(_cfg_of(recording), library)
     except DarkspecError as error:
@@ -110,12 +113,13 @@ def replay(recording: rec.Recording, backend=None) -> CaseResult:
         if network.deviations:
             return CaseResult(name, PASS, detail=f"darkspec accepts deliberately: {_deliberate(network.deviations)}")
         return CaseResult(name, FAIL, detail="Darknet's parser refused the cfg; darkspec accepts it")
-    dialect, quirks = _dialect_of(recording)
-    if dialect.value not in backend.dialects:
-        return CaseResult(name, SKIP, detail=f"backend {backend.name} does not run dialect {dialect.value}")
     layer = network.layers[-1]
-    run = _replay_reorg if isinstance(layer.op, ReorgSection) else _replay_shortcut
-    return run(recording, network, backend, dialect, quirks)
+    is_reorg = isinstance(layer.op, ReorgSection)
+    capability = Capability(layer.type, REORG_DIALECT if is_reorg else dialect.value, "float32", "forward")
+    if not backend.supports(capability):
+        return CaseResult(name, SKIP, detail=f"backend {backend.name} does not declare {capability.label()} float32")
+    run = _replay_reorg if is_reorg else _replay_shortcut
+    return run(recording, network, backend, capability, dialect, quirks)
 
 
 class _Checker:
@@ -151,7 +155,7 @@ def _run_pass(recording, checker: _Checker, crash_status: str, call: Callable[[]
     return None, value
 
 
-def _replay_reorg(recording, network: Network, backend, dialect, quirks) -> CaseResult:
+def _replay_reorg(recording, network: Network, backend, capability, dialect, quirks) -> CaseResult:
     op: ReorgSection = network.layers[-1].op
     checker = _Checker(recording, EXACT)
     arrays = recording.arrays
@@ -160,12 +164,13 @@ def _replay_reorg(recording, network: Network, backend, dialect, quirks) -> Case
     if done:
         return done
     checker.check("output", output)
-    if "delta" in arrays:
-        checker.check("dx", backend.reorg_backward(arrays["delta"], op.stride, op.reverse, old=op.old))
+    if "delta" in arrays and backend.supports(replace(capability, pass_="backward")):
+        checker.check("dx", backend.reorg_backward(arrays["delta"], op.stride, op.reverse, old=op.old,
+                                                   previous_delta=arrays["dx_init"]))
     return checker.result()
 
 
-def _replay_shortcut(recording, network: Network, backend, dialect, quirks) -> CaseResult:
+def _replay_shortcut(recording, network: Network, backend, capability, dialect, quirks) -> CaseResult:
     layer = network.layers[-1]
     op = layer.op
     arrays = recording.arrays
@@ -183,7 +188,7 @@ def _replay_shortcut(recording, network: Network, backend, dialect, quirks) -> C
         return done
     undefined = np.isnan(output) & ~np.isnan(arrays["output"]) if Quirk.CPU_FASTPATH_INPUT_DIMS in quirks else None
     checker.check("output", output, undefined)
-    if "delta" not in arrays:
+    if "delta" not in arrays or not backend.supports(replace(capability, pass_="backward")):
         return checker.result()
 
     done, grads = _run_pass(recording, checker, rec.CRASH_AFTER_FORWARD, lambda: backend.shortcut_backward(
@@ -195,7 +200,7 @@ def _replay_shortcut(recording, network: Network, backend, dialect, quirks) -> C
     if grads.weight_updates is None:
         return checker.result()
     checker.check("weight_updates_after_backward", grads.weight_updates)
-    if "weights_after_update" in arrays:
+    if "weights_after_update" in arrays and backend.supports(replace(capability, pass_="update")):
         update = recording.update
         hyper = UpdateParams(learning_rate=update["learning_rate"], momentum=update["momentum"],
                              decay=update["decay"], batch=update["batch"],

@@ -1,0 +1,96 @@
+"""The backend protocol: what an implementation declares and the calls the conformance suite makes.
+
+A backend takes and returns NumPy arrays at the boundary, whatever it computes with inside. It declares its
+capabilities (op, dialect, dtype, pass, device); the suite checks every capability it declares against the
+reference and reports every other one as unsupported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: The ops and the passes each has.
+PASSES = {
+    "shortcut": ("forward", "backward", "update"),
+    "reorg3d": ("forward", "backward"),
+    "reorg": ("forward", "backward"),
+}
+#: [reorg3d] and [reorg] are the same in every Darknet that has them: one dialect.
+REORG_DIALECT = "darknet"
+
+
+@dataclass(frozen=True, order=True)
+class Capability:
+    op: str
+    dialect: str
+    dtype: str
+    pass_: str
+    device: str = "cpu"
+
+    def label(self) -> str:
+        return f"{self.op}/{self.dialect}/{self.pass_}"
+
+
+class Backend:
+    """Base class of backends. Subclasses set ``name`` and override ``capabilities`` and the op calls they
+    support; ``availability`` returns None when the backend can run here, else the reason it cannot (and the fix).
+
+    The op calls and their meaning are those of :mod:`darkspec.reference.shortcut` and
+    :mod:`darkspec.reference.reorg`:
+
+    - ``shortcut_forward(x, froms, weights, *, params, dialect, quirks, from_input_shapes) -> output``
+    - ``shortcut_backward(x, froms, weights, delta, *, params, dialect, quirks, weight_updates,
+      from_input_shapes) -> ShortcutGradients`` (the delta after the activation gradient, what each input's delta
+      gains, and the weight-update accumulator after backward)
+    - ``shortcut_update(weights, weight_updates, hyper, dialect) -> (weights, weight_updates)``
+    - ``reorg_forward(x, stride, reverse, old) -> output``
+    - ``reorg_backward(delta, stride, reverse, old, previous_delta) -> the previous layer's delta after backward``
+    """
+
+    name = "backend"
+
+    def availability(self) -> str | None:
+        return None
+
+    def capabilities(self) -> frozenset[Capability]:
+        return frozenset()
+
+    def version(self) -> str:
+        return "unknown"
+
+    @property
+    def dialects(self) -> frozenset[str]:
+        return frozenset(c.dialect for c in self.capabilities())
+
+    def supports(self, capability: Capability) -> bool:
+        return capability in self.capabilities()
+
+    def shortcut_forward(self, x, froms, weights, **settings) -> np.ndarray:
+        raise NotImplementedError
+
+    def shortcut_backward(self, x, froms, weights, delta, **settings):
+        raise NotImplementedError
+
+    def shortcut_update(self, weights, weight_updates, hyper, dialect):
+        raise NotImplementedError
+
+    def reorg_forward(self, x, stride, reverse, old) -> np.ndarray:
+        raise NotImplementedError
+
+    def reorg_backward(self, delta, stride, reverse, old, previous_delta) -> np.ndarray:
+        raise NotImplementedError
+
+
+def capability_grid(ops_dialects: dict[str, tuple[str, ...]], dtypes, device="cpu", passes=None):
+    """Every (op, dialect, dtype, pass) of the given ops and dialects; ``passes`` may restrict a dialect's passes."""
+    passes = passes or {}
+    return frozenset(
+        Capability(op, dialect, np.dtype(dtype).name, pass_, device)
+        for op, dialects in ops_dialects.items()
+        for dialect in dialects
+        for dtype in dtypes
+        for pass_ in passes.get(dialect, PASSES[op])
+        if pass_ in PASSES[op]
+    )
