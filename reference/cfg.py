@@ -24,6 +24,9 @@ DELIBERATE_DIFFERENCES = {
     "unknown-key": "spec/cfg.md#unknown-keys",
     "unknown-weights-normalization": "spec/cfg.md#weights_normalization",
     "pjreddie-single-from": "spec/cfg.md#pjreddie",
+    "duplicate-key": "spec/cfg.md#reading-the-text",
+    "bad-line": "spec/cfg.md#reading-the-text",
+    "not-an-integer": "spec/cfg.md#reading-the-text",
     # darkspec accepts, Darknet refuses:
     "normalization-none-with-weights": "spec/cfg.md#weights_normalization",
     "normalization-2020-key": "spec/cfg.md#weights_normalization",
@@ -38,7 +41,8 @@ GENERIC_LAYER_KEYS = frozenset(
 SHORTCUT_KEYS = {
     "alexeyab": frozenset({"from", "activation", "weights_type", "weights_normalization", "weights_normalizion"})
     | GENERIC_LAYER_KEYS,
-    "pjreddie": frozenset({"from", "activation", "alpha", "beta"}),
+    "pjreddie": frozenset({"from", "activation", "alpha", "beta", "truth", "onlyforward", "stopbackward", "dontsave",
+                           "dontload", "numload", "dontloadscales", "learning_rate", "smooth"}),
 }
 WEIGHTS_TYPE_ALIASES = {"none": "none", "per_feature": "per_feature", "per_layer": "per_feature",
                         "per_channel": "per_channel"}
@@ -84,7 +88,7 @@ def read_sections(text: str) -> list[Section]:
         if line.startswith("["):
             if not line.endswith("]") or len(line) < 3:
                 raise DarkspecError(f"line {number}", raw, "a section header like [shortcut]", code="bad-line")
-            sections.append(Section(name=line[1:-1].lower(), line=number))
+            sections.append(Section(name=line[1:-1], line=number))
             continue
         key, sep, value = line.partition("=")
         if not sep or not key:
@@ -122,6 +126,14 @@ def int_option(section: Section, index: int, key: str, default: int) -> int:
     if not match:
         raise DarkspecError(f"{section.where(index)} {key}", value, "an integer", code="not-an-integer")
     return int(match.group(1))
+
+
+def positive_option(section: Section, index: int, key: str, default: int) -> int:
+    """An integer option that must be at least 1 (a stride, a size, a group count)."""
+    value = int_option(section, index, key, default)
+    if value < 1:
+        raise DarkspecError(f"{section.where(index)} {key}", value, "an integer >= 1", code="not-positive")
+    return value
 
 
 def float_option(section: Section, index: int, key: str, default: float) -> float:

@@ -17,6 +17,7 @@ from darkspec.reference.cfg import (
     ShortcutSection,
     int_option,
     parse_shortcut,
+    positive_option,
     read_sections,
 )
 from darkspec.reference.shortcut import pjreddie_index_map
@@ -53,10 +54,10 @@ class Network:
 
 def _conv(section, index, shape):
     c, h, w = shape
-    size = int_option(section, index, "size", 1)
-    stride = int_option(section, index, "stride", 1)
-    stride_x = int_option(section, index, "stride_x", stride)
-    stride_y = int_option(section, index, "stride_y", stride)
+    size = positive_option(section, index, "size", 1)
+    stride = positive_option(section, index, "stride", 1)
+    stride_x = positive_option(section, index, "stride_x", stride)
+    stride_y = positive_option(section, index, "stride_y", stride)
     pad = size // 2 if int_option(section, index, "pad", 0) else int_option(section, index, "padding", 0)
     filters = int_option(section, index, "filters", 1)
     return filters, (h + 2 * pad - size) // stride_y + 1, (w + 2 * pad - size) // stride_x + 1
@@ -64,8 +65,8 @@ def _conv(section, index, shape):
 
 def _maxpool(section, index, shape):
     c, h, w = shape
-    stride = int_option(section, index, "stride", 1)
-    size = int_option(section, index, "size", stride)
+    stride = positive_option(section, index, "stride", 1)
+    size = positive_option(section, index, "size", stride)
     padding = int_option(section, index, "padding", size - 1)
     return c, (h + padding - size) // stride + 1, (w + padding - size) // stride + 1
 
@@ -73,6 +74,9 @@ def _maxpool(section, index, shape):
 def _upsample(section, index, shape):
     c, h, w = shape
     stride = int_option(section, index, "stride", 2)
+    if stride == 0:
+        raise DarkspecError(f"{section.where(index)} stride", 0, "a non-zero integer (negative: downsample)",
+                            code="not-positive")
     return (c, h // -stride, w // -stride) if stride < 0 else (c, h * stride, w * stride)
 
 
@@ -101,7 +105,7 @@ def _route(section, index, shape, layers):
     if any(r[1:] != refs[0][1:] for r in refs):
         raise DarkspecError(f"{section.where(index)} layers", [r for r in refs], "layers of one spatial size",
                             code="spatial-mismatch")
-    groups = int_option(section, index, "groups", 1)
+    groups = positive_option(section, index, "groups", 1)
     return sum(r[0] for r in refs) // groups, refs[0][1], refs[0][2]
 
 
@@ -160,7 +164,7 @@ def parse_network(text: str, library: str = "alexeyab") -> Network:
             out = _route(section, index, shape, layers)
         elif kind == "scale_channels":
             out = _from_shape(section, index, shape, layers)
-        elif kind in ("shortcut", "res"):
+        elif kind == "shortcut":
             op = parse_shortcut(section, index, library)
             _check_shortcut_shapes(op, section, shape, layers, library)
             deviations.update(op.deviations)

@@ -17,7 +17,7 @@ import numpy as np
 
 from darkspec.errors import DarkspecError
 from darkspec.reference import activations
-from darkspec.reference.dialects import Dialect, Quirk, parse_dialect
+from darkspec.reference.dialects import Dialect, Quirk, parse_dialect, parse_quirks
 
 #: Added to the normalization sum before dividing (a float32 constant in Darknet).
 NORMALIZATION_EPS = 1e-4
@@ -285,11 +285,17 @@ def _fastpath_sum(x, add):
     return out.reshape(x.shape)
 
 
+def _cpu_quirks(quirks, dialect):
+    """The quirks of Darknet's CPU code do not exist on its GPU path."""
+    cpu_only = {Quirk.CPU_FASTPATH_INPUT_DIMS, Quirk.CPU_RELU6_ZERO}
+    return quirks - cpu_only if parse_dialect(dialect) == Dialect.DARKNET_GPU else quirks
+
+
 def _activate(pre, params, dialect, quirks):
     name = params.activation
     if name in activations.SHORTCUT_UNEVALUATED:
         return np.zeros_like(pre)  # _check_activation let it through only under the quirk
-    if name == "relu6" and Quirk.CPU_RELU6_ZERO in quirks and dialect != Dialect.DARKNET_GPU:
+    if name == "relu6" and Quirk.CPU_RELU6_ZERO in quirks:
         return np.zeros_like(pre)
     return activations.activate(name, pre)
 
@@ -327,7 +333,7 @@ def forward(
     ``from_input_shapes`` (the from layers' own *input* C, H, W) matters only under the quirk
     cpu-fastpath-input-dims.
     """
-    dialect = parse_dialect(dialect)
+    dialect, quirks = parse_dialect(dialect), _cpu_quirks(parse_quirks(quirks), dialect)
     x, froms, weights = _check_inputs(x, froms, weights, params, dialect)
     _check_activation(params, dialect, quirks)
     if dialect == Dialect.PJREDDIE:
@@ -356,7 +362,7 @@ def backward(
     ``delta`` is the delta arriving at the layer's output; ``weight_updates`` the accumulator before backward
     (zeros if not given). The forward is recomputed from the inputs, so no state is carried between passes.
     """
-    dialect = parse_dialect(dialect)
+    dialect, quirks = parse_dialect(dialect), _cpu_quirks(parse_quirks(quirks), dialect)
     if dialect == Dialect.DARKNET_INFERENCE:
         raise DarkspecError(
             "dialect", dialect.value, "a training dialect for backward (darknet-inference is forward only)",
@@ -487,6 +493,11 @@ def update(weights, weight_updates, hyper: UpdateParams, dialect: Dialect | str 
     if hyper.batch < 1:
         raise DarkspecError("batch", hyper.batch, "an integer >= 1", code="bad-batch")
     t = weights.dtype.type
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf propagate as Darknet lets them
+        return _update(weights, weight_updates, hyper, dialect, t)
+
+
+def _update(weights, weight_updates, hyper, dialect, t):
     if dialect in (Dialect.DARKNET_CPU, Dialect.EXACT):
         rate = t(hyper.learning_rate) * t(hyper.learning_rate_scale)
         weight_updates = weight_updates + (-t(hyper.decay) * t(hyper.batch)) * weights
