@@ -1,0 +1,119 @@
+"""The golden gate: the tree matches its manifest, tampering is caught by name, recording is deterministic, and
+every reference regression case replays."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from darkspec.conformance import golden as gold
+from darkspec.conformance import recordings as rec
+from darkspec.conformance.vectors import PASS, replay
+from darkspec.reference.dialects import Dialect
+
+from conftest import GOLDEN
+
+RECORDING = "darknet-vectors/darknet-alexeyab/act_linear.npz"
+
+
+@pytest.fixture
+def copy(tmp_path):
+    target = tmp_path / "golden"
+    shutil.copytree(GOLDEN, target)
+    return target
+
+
+def run(function, golden_dir):
+    lines = []
+    return function(golden_dir, write=lines.append), lines
+
+
+def snapshot(golden_dir):
+    return {path.relative_to(golden_dir): path.read_bytes() for path in golden_dir.rglob("*") if path.is_file()}
+
+
+def test_the_tree_matches_its_manifest():
+    status, lines = run(gold.verify, GOLDEN)
+    assert status == 0, "\n".join(lines)
+    assert lines[-1].startswith("golden: OK")
+
+
+def test_a_changed_byte_fails_naming_the_file(copy):
+    path = copy / RECORDING
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    status, lines = run(gold.verify, copy)
+    assert status == 1
+    assert lines[:-1] == [f"{RECORDING}: changed (sha256 differs from manifest.json)"]
+
+
+def test_a_missing_file_fails_naming_it(copy):
+    (copy / RECORDING).unlink()
+    status, lines = run(gold.verify, copy)
+    assert status == 1
+    assert lines[:-1] == [f"{RECORDING}: missing"]
+
+
+def test_an_unlisted_file_fails_naming_it(copy):
+    (copy / "darknet-vectors" / "notes.txt").write_text("not in the manifest\n")
+    status, lines = run(gold.verify, copy)
+    assert status == 1
+    assert lines[:-1] == ["darknet-vectors/notes.txt: unlisted (not in manifest.json)"]
+
+
+def test_recording_reproduces_the_tree_byte_for_byte(copy):
+    before = snapshot(copy)
+    status, lines = run(gold.record, copy)
+    assert status == 0, "\n".join(lines)
+    assert lines[0] == f"recorded {len(gold.CASES)} reference cases: nothing changed"
+    assert snapshot(copy) == before
+
+
+def test_record_reports_added_removed_and_changed_arrays(copy):
+    name = "cpu_per_feature_relu"
+    case = rec.load_recording(copy / "reference" / f"{name}.npz")
+    arrays = {**case.arrays, "output": case.arrays["output"] + np.float32(0.25)}
+    (copy / "reference" / f"{name}.npz").write_bytes(gold.npz_bytes(arrays, case.params))
+    (copy / "reference" / "stale.npz").write_bytes(gold.npz_bytes(arrays, {**case.params, "name": "stale"}))
+    (copy / "reference" / "reorg3d_forward_s2.npz").unlink()
+    status, lines = run(gold.record, copy)
+    assert status == 0, "\n".join(lines)
+    assert f"changed reference/{name}.npz: output max abs diff 0.25" in lines
+    assert "added   reference/reorg3d_forward_s2.npz" in lines
+    assert "removed reference/stale.npz" in lines
+    assert snapshot(copy) == snapshot(GOLDEN)
+
+
+def test_record_never_rewrites_a_darknet_recording_or_its_entry(copy):
+    (copy / RECORDING).write_bytes(b"tampered")
+    status, lines = run(gold.record, copy)
+    assert status == 1
+    assert f"{RECORDING}: changed (sha256 differs from manifest.json)" in lines
+    assert (copy / RECORDING).read_bytes() == b"tampered"
+
+
+def test_the_manifest_names_each_file_kind_and_provenance():
+    manifest = gold.read_manifest(GOLDEN)
+    assert manifest[RECORDING]["kind"] == "darknet-recording"
+    assert "59596d7880f6504768df41d6daa586f5cb2b932f" in manifest[RECORDING]["provenance"]
+    entry = manifest["reference/gpu_per_channel_relu_floor.npz"]
+    assert entry["kind"] == "reference-regression"
+    assert entry["provenance"].endswith("gpu_per_channel_relu_floor, seed 202")
+    assert manifest["darknet-vectors/PROVENANCE.md"]["kind"] == "provenance"
+
+
+def test_the_reference_cases_cover_every_dialect_and_both_reorg_sections():
+    cases = [rec.load_recording(GOLDEN / "reference" / f"{name}.npz") for name in gold.CASES]
+    shortcut_dialects = {c.params["dialect"] for c in cases if c.layer_type == "shortcut"}
+    assert shortcut_dialects == {d.value for d in Dialect}
+    assert {c.layer_type for c in cases} == {"shortcut", "reorg3d", "reorg"}
+    assert all(a.dtype == np.float32 for c in cases for a in c.arrays.values())
+
+
+@pytest.mark.parametrize("name", list(gold.CASES))
+def test_every_reference_case_replays(name):
+    case = rec.load_recording(GOLDEN / "reference" / f"{name}.npz")
+    assert case.params["generator"] == name and case.params["library"] == "darkspec-reference"
+    result = replay(case)
+    assert result.verdict == PASS, result.line()
