@@ -60,6 +60,10 @@ class Backend:
     def version(self) -> str:
         return "unknown"
 
+    def quirks(self) -> frozenset:
+        """The quirks (darkspec.reference.dialects.Quirk) the backend can reproduce on request."""
+        return frozenset()
+
     @property
     def dialects(self) -> frozenset[str]:
         return frozenset(c.dialect for c in self.capabilities())

@@ -7,7 +7,7 @@ import numpy as np
 import darkspec
 from darkspec.backends.base import REORG_DIALECT, Backend, capability_grid
 from darkspec.reference import reorg, shortcut
-from darkspec.reference.dialects import Dialect
+from darkspec.reference.dialects import Dialect, Quirk
 
 SHORTCUT_DIALECTS = tuple(d.value for d in Dialect)
 #: darknet-inference has only a forward; the pjreddie shortcut has no weights to update.
@@ -26,6 +26,9 @@ class ReferenceBackend(Backend):
 
     def version(self):
         return f"darkspec {darkspec.__version__}, numpy {np.__version__}"
+
+    def quirks(self):
+        return frozenset(Quirk)
 
     def shortcut_forward(self, x, froms, weights, **settings):
         return shortcut.forward(x, froms, weights, **settings)

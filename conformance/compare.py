@@ -79,12 +79,13 @@ def compare(name: str, expected, actual, tolerance: Tolerance, undefined=None) -
     abs_err = np.where(np.isnan(abs_err), np.inf, abs_err)
     rel_err = np.where(np.isnan(rel_err), np.inf, rel_err)
     ulps = ulp_distance(np.where(mask & ~both_nan, expected, 0), np.where(mask & ~both_nan, actual, 0))
-    ok = (abs_err <= tolerance.atol + tolerance.rtol * np.abs(exp)) | (ulps <= tolerance.ulps)
-    ok |= ~mask | both_nan
+    with np.errstate(invalid="ignore"):
+        ok = (abs_err <= tolerance.atol + tolerance.rtol * np.abs(exp)) | (ulps <= tolerance.ulps)
+    ok |= ~mask | both_nan | (expected == actual)  # equal infinities match
     passed = bool(ok.all())
     worst = None
     if expected.size:
-        badness = np.where(ok, 0, 1) * 1e300 + np.minimum(ulps, 1e299) if not passed else ulps.astype(np.float64)
+        badness = np.where(ok, -1.0, ulps) if not passed else ulps  # the worst failing element, else the worst
         flat = int(np.argmax(badness))
         worst = tuple(int(i) for i in np.unravel_index(flat, expected.shape))
     return Comparison(
@@ -98,3 +99,15 @@ def compare(name: str, expected, actual, tolerance: Tolerance, undefined=None) -
         actual_value=None if worst is None else float(actual[worst]),
         undefined=int((~mask).sum()),
     )
+
+
+def tolerance_for(dtype, magnitude: float) -> Tolerance:
+    """The tolerance between two implementations of one dialect (spec/tolerances.md): within 4 ulp, or within
+    4 epsilons of the dtype times the largest magnitude among the case's arrays."""
+    return Tolerance(ulps=4, atol=4 * float(np.finfo(dtype).eps) * magnitude)
+
+
+def largest_magnitude(*arrays) -> float:
+    """The largest finite |value| among the arrays (0 if there is none)."""
+    finite = [np.abs(a[np.isfinite(a)]) for a in map(np.asarray, arrays) if a.size]
+    return max((float(f.max()) for f in finite if f.size), default=0.0)

@@ -1,27 +1,101 @@
-"""The ``darkspec`` command line."""
+"""The ``darkspec`` command line: ``vectors``, ``conformance``, ``mutants`` and ``golden``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from darkspec.errors import DarkspecError
 
+DEFAULT_GOLDEN = Path("golden")
+
+
+def _golden_dirs(args) -> list[Path]:
+    return [] if args.no_golden else [args.golden]
+
 
 def _vectors(args) -> int:
+    from darkspec.backends.registry import load
     from darkspec.conformance.vectors import run_vectors
 
-    return run_vectors(args.paths)
+    backend = load(args.backend)
+    if backend.availability():
+        print(f"darkspec: backend {backend.name} is unavailable: {backend.availability()}", file=sys.stderr)
+        return 2
+    return run_vectors(args.paths, backend)
+
+
+def _conformance(args) -> int:
+    from darkspec.backends.registry import discover, load
+    from darkspec.conformance.report import table, write_reports
+    from darkspec.conformance.suite import run_suite
+
+    backends = [load(spec) for spec in args.backend] if args.backend else discover()
+    reports = [run_suite(backend, args.profile, _golden_dirs(args)) for backend in backends]
+    print(table(reports))
+    json_path, xml_path = write_reports(reports, args.profile, args.report_dir)
+    print(f"\nreports: {json_path} {xml_path}")
+    return 1 if any(report.failed for report in reports) else 0
+
+
+def _mutants(args) -> int:
+    from tabulate import tabulate
+
+    from darkspec.conformance.mutants import MUTANTS, hunt, killer
+
+    rows, survivors = [], 0
+    for mutant in MUTANTS:
+        killed_by = killer(hunt(mutant, args.profile, _golden_dirs(args)))
+        survivors += killed_by is None
+        rows.append([mutant.name, mutant.mistake, "killed" if killed_by else "SURVIVED", killed_by or ""])
+    print(tabulate(rows, headers=["mutant", "mistake", "verdict", "killed by"], maxcolwidths=[None, 30, None, 70]))
+    print(f"{len(MUTANTS) - survivors} killed, {survivors} survived")
+    return 1 if survivors else 0
+
+
+def _golden(args) -> int:
+    from darkspec.conformance import golden
+
+    return (golden.verify if args.action == "verify" else golden.record)(args.golden)
+
+
+def _add_golden_options(parser):
+    parser.add_argument("--golden", type=Path, default=DEFAULT_GOLDEN, help="the golden folder (default: golden)")
+    parser.add_argument("--no-golden", action="store_true", help="run the property checks only")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="darkspec", description="Darknet feature-fusion layers: spec and "
                                      "conformance suite.")
     commands = parser.add_subparsers(dest="command", required=True)
-    vectors = commands.add_parser("vectors", help="replay Darknet recordings (.npz files or folders of them) and "
-                                  "compare every recorded array")
+
+    vectors = commands.add_parser("vectors", help="replay recordings (.npz files or folders of them) through a "
+                                  "backend and compare every recorded array")
     vectors.add_argument("paths", nargs="+", metavar="PATH")
+    vectors.add_argument("--backend", default="reference", help="a backend name or package.module:ClassName")
     vectors.set_defaults(run=_vectors)
+
+    conformance = commands.add_parser("conformance", help="check every backend's declared capabilities against "
+                                      "the reference and print the conformance matrix")
+    conformance.add_argument("--backend", action="append", default=[],
+                             help="a backend name or package.module:ClassName (repeatable; default: all known)")
+    conformance.add_argument("--profile", choices=["quick", "ci", "thorough"], default="ci")
+    conformance.add_argument("--report-dir", type=Path, default=Path("reports"))
+    _add_golden_options(conformance)
+    conformance.set_defaults(run=_conformance)
+
+    mutants = commands.add_parser("mutants", help="run the suite on deliberately broken backends; each must fail")
+    mutants.add_argument("--profile", choices=["quick", "ci", "thorough"], default="ci")
+    _add_golden_options(mutants)
+    mutants.set_defaults(run=_mutants)
+
+    golden = commands.add_parser("golden", help="verify the golden folder against its manifest, or regenerate "
+                                 "the reference regression cases")
+    golden.add_argument("action", choices=["verify", "record"])
+    golden.add_argument("--golden", type=Path, default=DEFAULT_GOLDEN)
+    golden.set_defaults(run=_golden)
+
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -1,0 +1,119 @@
+"""The conformance matrix: a terminal table, a JSON report and JUnit XML, from the suite's results."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import xml.etree.ElementTree as ET
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from tabulate import tabulate
+
+import darkspec
+from darkspec.conformance.suite import PROFILES, BackendReport, all_capabilities
+
+PASS, FAIL, UNSUPPORTED, UNAVAILABLE = "pass", "FAIL", "unsupported", "unavailable"
+
+
+def _columns():
+    """op/dialect/pass labels in a stable order."""
+    return list(dict.fromkeys(c.label() for c in all_capabilities()))
+
+
+def cell(report: BackendReport, label: str) -> str:
+    """One matrix cell: pass (checks run), FAIL (failed/run), unsupported, or unavailable."""
+    if report.unavailable:
+        return UNAVAILABLE
+    results = [r for r in report.results if r.capability.label() == label]
+    if not results:
+        return UNSUPPORTED
+    examples = sum(r.examples for r in results)
+    failures = sum(r.failures for r in results)
+    return f"{FAIL} {failures}/{examples}" if failures else f"{PASS} ({examples})"
+
+
+def table(reports: list[BackendReport]) -> str:
+    rows = [[label, *(cell(r, label) for r in reports)] for label in _columns()]
+    text = tabulate(rows, headers=["op/dialect/pass", *(r.backend.name for r in reports)])
+    notes = [f"{r.backend.name}: unavailable: {r.unavailable}" for r in reports if r.unavailable]
+    for report in reports:
+        for result in report.results:
+            if not result.passed:
+                notes.append(f"{report.backend.name} {result.capability.label()} {result.capability.dtype} "
+                             f"({result.check}): {result.failures}/{result.examples} failed; first: "
+                             f"{result.first_failure}")
+    return "\n".join([text, *notes])
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def json_report(reports: list[BackendReport], profile: str) -> dict:
+    return {
+        "suite": "darkspec",
+        "suite_version": darkspec.__version__,
+        "git_revision": git_revision(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "profile": {"name": profile, "examples_per_property": PROFILES[profile]},
+        "platform": {"python": platform.python_version(), "machine": platform.machine(),
+                     "system": platform.platform(), "numpy": np.__version__},
+        "backends": [
+            {
+                "name": r.backend.name,
+                "available": not r.unavailable,
+                "reason": r.unavailable,
+                "version": None if r.unavailable else r.backend.version(),
+                "declared": [] if r.unavailable else [
+                    {"op": c.op, "dialect": c.dialect, "dtype": c.dtype, "pass": c.pass_, "device": c.device}
+                    for c in sorted(r.backend.capabilities())],
+                "matrix": {label: cell(r, label) for label in _columns()},
+                "results": [
+                    {"op": x.capability.op, "dialect": x.capability.dialect, "dtype": x.capability.dtype,
+                     "pass": x.capability.pass_, "device": x.capability.device, "check": x.check,
+                     "examples": x.examples, "failures": x.failures, "first_failure": x.first_failure or None}
+                    for x in r.results],
+            }
+            for r in reports
+        ],
+    }
+
+
+def junit_xml(reports: list[BackendReport]) -> str:
+    suites = ET.Element("testsuites", name="darkspec conformance")
+    for report in reports:
+        suite = ET.SubElement(suites, "testsuite", name=report.backend.name)
+        cases = 0
+        if report.unavailable:
+            case = ET.SubElement(suite, "testcase", classname=report.backend.name, name="availability")
+            ET.SubElement(case, "skipped", message=f"unavailable: {report.unavailable}")
+            cases += 1
+        for result in report.results:
+            c = result.capability
+            case = ET.SubElement(suite, "testcase", classname=f"{report.backend.name}.{c.op}.{c.dialect}",
+                                 name=f"{c.pass_}[{c.dtype},{c.device}] {result.check}")
+            if not result.passed:
+                ET.SubElement(case, "failure", message=f"{result.failures}/{result.examples} failed").text = \
+                    result.first_failure
+            cases += 1
+        failures = sum(not r.passed for r in report.results)
+        suite.set("tests", str(cases))
+        suite.set("failures", str(failures))
+        suite.set("skipped", "1" if report.unavailable else "0")
+    return ET.tostring(suites, encoding="unicode")
+
+
+def write_reports(reports: list[BackendReport], profile: str, directory: Path) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path, xml_path = directory / "conformance.json", directory / "conformance.xml"
+    json_path.write_text(json.dumps(json_report(reports, profile), indent=1) + "\n")
+    xml_path.write_text(junit_xml(reports) + "\n")
+    return json_path, xml_path

@@ -1,0 +1,245 @@
+"""The conformance suite: every capability a backend declares, checked against the reference.
+
+Two kinds of check feed each capability (op, dialect, dtype, pass):
+- a property check: hypothesis draws cases for the capability and the backend's result is compared with the
+  reference's on each (``tolerance_for``; permutations bit-exact);
+- the golden cases (Darknet recordings and reference regression cases), replayed through the backend.
+
+A capability the backend does not declare is reported as unsupported, never run and never counted as passed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from darkspec.backends.base import PASSES, REORG_DIALECT, Backend, Capability
+from darkspec.backends.reference import ReferenceBackend
+from darkspec.conformance import recordings as rec
+from darkspec.conformance import strategies
+from darkspec.conformance.compare import Tolerance, compare, largest_magnitude, tolerance_for
+from darkspec.conformance.vectors import recording_dialect, replay
+from darkspec.reference import activations
+from darkspec.reference.dialects import Dialect
+
+#: Examples per property check: quick is a smoke run, ci the default, thorough opt-in.
+PROFILES = {"quick": 5, "ci": 25, "thorough": 300}
+
+REFERENCE = ReferenceBackend()
+
+#: Array names of a recording and the pass that produces them.
+_UPDATE_ARRAYS = {"weights_after_update", "weight_updates_after_update"}
+_PASS_OF_CRASH = {rec.CRASH_IN_FORWARD: "forward", rec.CRASH_AFTER_FORWARD: "backward"}
+
+
+@dataclass
+class CheckResult:
+    """One check of one capability: how many examples ran, how many failed, and the first failure."""
+
+    capability: Capability
+    check: str
+    examples: int = 0
+    failures: int = 0
+    first_failure: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.failures == 0
+
+    def add(self, problem: str | None):
+        self.examples += 1
+        if problem:
+            self.failures += 1
+            self.first_failure = self.first_failure or problem
+
+
+@dataclass
+class BackendReport:
+    backend: Backend
+    unavailable: str | None = None
+    results: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return any(not r.passed for r in self.results)
+
+
+# --- property checks -------------------------------------------------------------------------------------------
+
+
+def _activation_names(dialect: str):
+    if dialect == Dialect.PJREDDIE.value:
+        return activations.PJREDDIE_NAMES
+    return tuple(n for n in activations.ALEXEYAB_NAMES if n not in activations.SHORTCUT_UNEVALUATED)
+
+
+def _shortcut_strategy(capability: Capability):
+    dtype = np.dtype(capability.dtype).type
+    activation = st.sampled_from(_activation_names(capability.dialect))
+    if capability.dialect == Dialect.PJREDDIE.value:
+        return activation.flatmap(lambda name: strategies.pjreddie_cases(dtype=dtype, activation=name))
+    return activation.flatmap(lambda name: strategies.shortcut_cases(dtype=dtype, activation=name))
+
+
+def _first_problem(named_pairs, tolerance: Tolerance) -> str | None:
+    """The first of (name, expected, actual[, own tolerance]) that fails, described; None if all pass."""
+    for name, expected, actual, *own in named_pairs:
+        comparison = compare(name, expected, np.asarray(actual), own[0] if own else tolerance)
+        if not comparison.passed:
+            return comparison.describe()
+    return None
+
+
+def _check_shortcut_forward(backend, capability):
+    def check(case):
+        settings_ = dict(params=case.params, dialect=capability.dialect)
+        expected = REFERENCE.shortcut_forward(case.x, case.froms, case.weights, **settings_)
+        actual = backend.shortcut_forward(case.x, case.froms, case.weights, **settings_)
+        tolerance = tolerance_for(case.x.dtype, largest_magnitude(case.x, *case.froms, expected))
+        return _first_problem([("output", expected, actual)], tolerance)
+
+    return _shortcut_strategy(capability), check
+
+
+def _check_shortcut_backward(backend, capability):
+    def check(case):
+        updates = None if case.weights is None else np.linspace(-1, 1, case.weights.size, dtype=case.weights.dtype)
+        settings_ = dict(params=case.params, dialect=capability.dialect, weight_updates=updates)
+        expected = REFERENCE.shortcut_backward(case.x, case.froms, case.weights, case.delta, **settings_)
+        actual = backend.shortcut_backward(case.x, case.froms, case.weights, case.delta, **settings_)
+        if len(actual.input_deltas) != len(expected.input_deltas):
+            return f"{len(actual.input_deltas)} input deltas, expected {len(expected.input_deltas)}"
+        pairs = [("delta_after_gradient", expected.delta, actual.delta)]
+        pairs += [(f"input_deltas[{i}]", e, a) for i, (e, a) in enumerate(zip(expected.input_deltas,
+                                                                                  actual.input_deltas))]
+        dtype = case.x.dtype
+        if expected.weight_updates is not None:
+            # A weight's gradient is a sum over many elements, which backends may order differently: its error is
+            # bounded by the sum of the magnitudes of its terms.
+            terms = np.abs(expected.delta).sum() * largest_magnitude(case.x, *case.froms)
+            pairs.append(("weight_updates", expected.weight_updates, actual.weight_updates,
+                          tolerance_for(dtype, float(terms) + largest_magnitude(updates))))
+        magnitude = largest_magnitude(case.x, *case.froms, case.delta, expected.delta, *expected.input_deltas)
+        return _first_problem(pairs, tolerance_for(dtype, magnitude))
+
+    return _shortcut_strategy(capability), check
+
+
+def _check_shortcut_update(backend, capability):
+    def check(case):
+        expected = REFERENCE.shortcut_update(case.weights, case.weight_updates, case.hyper, capability.dialect)
+        actual = backend.shortcut_update(case.weights, case.weight_updates, case.hyper, capability.dialect)
+        tolerance = tolerance_for(case.weights.dtype, largest_magnitude(case.weights, case.weight_updates, *expected))
+        return _first_problem([("weights", expected[0], actual[0]), ("weight_updates", expected[1], actual[1])],
+                              tolerance)
+
+    return strategies.update_cases(dtype=np.dtype(capability.dtype).type), check
+
+
+def _check_reorg(backend, capability):
+    old = capability.op == "reorg"
+
+    def check(case):
+        if capability.pass_ == "forward":
+            expected = REFERENCE.reorg_forward(case.x, case.stride, case.reverse, old)
+            actual = backend.reorg_forward(case.x, case.stride, case.reverse, old)
+        else:
+            args = (case.delta, case.stride, case.reverse, old, case.previous_delta)
+            expected, actual = REFERENCE.reorg_backward(*args), backend.reorg_backward(*args)
+        return _first_problem([(capability.pass_, expected, actual)], Tolerance.exact())
+
+    return strategies.reorg_cases(old=old, dtype=np.dtype(capability.dtype).type), check
+
+
+def _property_check(capability: Capability, backend) -> tuple[object, Callable]:
+    if capability.op == "shortcut":
+        return {"forward": _check_shortcut_forward, "backward": _check_shortcut_backward,
+                "update": _check_shortcut_update}[capability.pass_](backend, capability)
+    return _check_reorg(backend, capability)
+
+
+def run_property(backend, capability: Capability, examples: int) -> CheckResult:
+    """Draw ``examples`` cases (derandomized: the same cases every run) and record every failure; nothing is
+    shrunk, so the count is the count of failing draws."""
+    strategy, check = _property_check(capability, backend)
+    result = CheckResult(capability, "properties")
+
+    @settings(max_examples=examples, derandomize=True, database=None, deadline=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def run(case):
+        try:
+            problem = check(case)
+        except Exception as error:  # a backend that raises fails the check, with what it raised
+            problem = f"raised {type(error).__name__}: {error}"
+        result.add(problem)
+
+    run()
+    return result
+
+
+# --- golden replays ---------------------------------------------------------------------------------------------
+
+
+def _pass_of(array_name: str) -> str:
+    if array_name in _PASS_OF_CRASH:
+        return _PASS_OF_CRASH[array_name]
+    if array_name == "output":
+        return "forward"
+    return "update" if array_name in _UPDATE_ARRAYS else "backward"
+
+
+def run_golden(backend, golden_dirs) -> list[CheckResult]:
+    """Replay every golden case; a case counts once towards the capability of each pass it compares."""
+    results: dict[Capability, CheckResult] = {}
+    for recording in rec.iter_recordings(*golden_dirs):
+        outcome = replay(recording, backend)
+        problems: dict[Capability, str | None] = {}
+        for comparison in outcome.comparisons:
+            capability = _golden_capability(recording, comparison.name)
+            if capability is not None and not problems.get(capability):
+                problems[capability] = None if comparison.passed else f"{recording.name}: {comparison.describe()}"
+        for capability, problem in problems.items():
+            results.setdefault(capability, CheckResult(capability, "golden")).add(problem)
+    return list(results.values())
+
+
+def _golden_capability(recording, array_name) -> Capability | None:
+    op = recording.layer_type
+    dialect = REORG_DIALECT if op != "shortcut" else recording_dialect(recording)[0].value
+    pass_ = _pass_of(array_name)
+    return Capability(op, dialect, "float32", pass_) if pass_ in PASSES.get(op, ()) else None
+
+
+# --- the whole suite --------------------------------------------------------------------------------------------
+
+
+def all_capabilities() -> list[Capability]:
+    """Every capability some backend could declare: the reference's, which covers every op, dialect and pass."""
+    return sorted(REFERENCE.capabilities())
+
+
+def run_suite(backend: Backend, profile: str = "ci", golden_dirs=(), stop_at_first_failure=False) -> BackendReport:
+    report = BackendReport(backend)
+    try:
+        report.unavailable = backend.availability()
+    except Exception as error:
+        report.unavailable = f"availability check raised {type(error).__name__}: {error}"
+    if report.unavailable:
+        return report
+    declared = sorted(backend.capabilities())
+    golden = [Path(d) for d in golden_dirs if Path(d).exists()]
+    if golden:
+        report.results += [r for r in run_golden(backend, golden) if r.capability in declared]
+        if stop_at_first_failure and report.failed:
+            return report
+    for capability in declared:
+        report.results.append(run_property(backend, capability, PROFILES[profile]))
+        if stop_at_first_failure and report.failed:
+            break
+    return report

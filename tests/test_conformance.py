@@ -1,0 +1,110 @@
+"""The conformance harness: backend protocol, registry, suite, matrix and reports."""
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from darkspec.backends.base import Backend, Capability
+from darkspec.backends.reference import ReferenceBackend
+from darkspec.backends.registry import PLANNED, UnavailableBackend, discover, load
+from darkspec.cli import main
+from darkspec.conformance.report import cell, json_report, junit_xml, table
+from darkspec.conformance.suite import run_suite
+from darkspec.errors import DarkspecError
+
+from conftest import GOLDEN
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "toy_backend"
+
+
+class RaisingBackend(ReferenceBackend):
+    """Declares the darknet-cpu forward and fails it by raising: a failure, never a crash of the suite."""
+
+    name = "raising"
+
+    def capabilities(self):
+        return frozenset({Capability("shortcut", "darknet-cpu", "float32", "forward")})
+
+    def shortcut_forward(self, x, froms, weights, **settings):
+        raise RuntimeError("kernel launch failed")
+
+
+def test_the_reference_passes_everything_it_declares():
+    report = run_suite(ReferenceBackend(), "quick", [GOLDEN])
+    assert not report.failed
+    declared = {c.label() for c in ReferenceBackend().capabilities()}
+    assert {r.capability.label() for r in report.results} == declared
+    assert all(cell(report, label).startswith("pass") for label in declared)
+
+
+def test_golden_cases_count_towards_the_capabilities():
+    report = run_suite(ReferenceBackend(), "quick", [GOLDEN])
+    golden = {r.capability.label() for r in report.results if r.check == "golden"}
+    assert {"shortcut/darknet-cpu/update", "shortcut/pjreddie/backward", "reorg3d/darknet/forward"} <= golden
+
+
+def test_a_raising_backend_fails_its_capability_and_the_rest_is_unsupported():
+    report = run_suite(RaisingBackend(), "quick", [GOLDEN])
+    assert report.failed
+    assert cell(report, "shortcut/darknet-cpu/forward").startswith("FAIL")
+    assert cell(report, "shortcut/darknet-cpu/backward") == "unsupported"
+    assert "kernel launch failed" in table([report])
+
+
+def test_planned_backends_are_listed_as_unavailable_with_the_reason():
+    backends = {b.name: b for b in discover()}
+    assert "reference" in backends
+    for name, reason in PLANNED.items():
+        report = run_suite(backends[name], "quick")
+        assert report.unavailable == reason
+        assert cell(report, "shortcut/darknet-cpu/forward") == "unavailable"
+
+
+def test_load_reports_a_broken_plugin_instead_of_raising():
+    backend = load("no_such_module_anywhere:Backend")
+    assert isinstance(backend, UnavailableBackend)
+    assert "ModuleNotFoundError" in backend.availability()
+    with pytest.raises(DarkspecError) as raised:
+        load("not-a-spec")
+    assert raised.value.code == "unknown-backend"
+
+
+def test_reports_hold_versions_platform_and_every_result():
+    reports = [run_suite(ReferenceBackend(), "quick"), run_suite(RaisingBackend(), "quick")]
+    data = json_report(reports, "quick")
+    assert data["suite"] == "darkspec" and data["git_revision"] and data["platform"]["numpy"] == np.__version__
+    reference, raising = data["backends"]
+    assert reference["available"] and reference["version"].startswith("darkspec")
+    assert all(r["failures"] == 0 for r in reference["results"])
+    assert raising["results"][0]["failures"] > 0 and "kernel launch failed" in raising["results"][0]["first_failure"]
+    suites = ET.fromstring(junit_xml(reports))
+    assert [s.get("name") for s in suites] == ["reference", "raising"]
+    assert suites[1].get("failures") == "1" and suites[1].find("testcase/failure") is not None
+
+
+def test_conformance_command_exits_non_zero_on_a_failing_backend(tmp_path, capsys):
+    assert main(["conformance", "--backend", "test_conformance:RaisingBackend", "--profile", "quick",
+                 "--report-dir", str(tmp_path)]) == 1
+    assert (tmp_path / "conformance.json").exists() and (tmp_path / "conformance.xml").exists()
+    status = main(["conformance", "--backend", "reference", "--profile", "quick", "--golden", str(GOLDEN),
+                   "--report-dir", str(tmp_path)])
+    assert status == 0
+
+
+def test_the_out_of_tree_example_backend_works_as_the_readme_says(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(EXAMPLE)}
+    done = subprocess.run(
+        [sys.executable, "-m", "darkspec", "conformance", "--backend", "toy_backend:ToyBackend", "--profile", "quick",
+         "--golden", str(GOLDEN), "--report-dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {line.split()[0]: line.split()[1] for line in done.stdout.splitlines()[2:] if line.startswith(("shortcut", "reorg"))}
+    assert rows.pop("shortcut/darknet-cpu/forward") == "pass"
+    assert set(rows.values()) == {"unsupported"}
