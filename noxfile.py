@@ -11,7 +11,7 @@ CONSTRAINTS = ("-c", "constraints.txt")
 @nox.session
 def conformance(session):
     """The conformance matrix of every known backend, with JSON and JUnit reports in reports/."""
-    session.install(*CONSTRAINTS, ".")
+    session.install(*CONSTRAINTS, ".[torch]")
     session.run("darkspec", "golden", "verify")
     session.run("darkspec", "conformance", *session.posargs)
 

@@ -20,10 +20,11 @@ ENTRY_POINT_GROUP = "darkspec.backends"
 
 BUILTIN = {
     "reference": "darkspec.backends.reference:ReferenceBackend",
+    "torch": "darkspec.backends.torch_backend:TorchBackend",
+    "torch-cuda": "darkspec.backends.torch_backend:TorchCudaBackend",
 }
 #: Backends darkspec will ship but does not implement yet: listed so the matrix shows them, with the reason.
 PLANNED = {
-    "torch": "the PyTorch backend is not implemented in this version of darkspec",
     "cupy": "the CuPy raw-kernel backend is not implemented in this version of darkspec",
     "darknet": "the ctypes backend for a real libdarknet.so is not implemented in this version of darkspec",
 }
@@ -52,6 +53,8 @@ def load(spec: str) -> Backend:
                             code="unknown-backend")
     try:
         backend = getattr(importlib.import_module(module_name), class_name)()
+    except ModuleNotFoundError as error:
+        return UnavailableBackend(spec, f"{target} needs the Python package {error.name!r}, which is not installed")
     except Exception as error:  # any import-time failure of a plugin is reported, not raised
         return UnavailableBackend(spec, f"cannot load {target}: {type(error).__name__}: {error}")
     if not isinstance(backend, Backend):

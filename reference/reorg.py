@@ -48,6 +48,8 @@ __all__ = [
     "reorg_old_forward",
     "reorg_old_backward",
     "reorg_old_output_shape",
+    "forward_gather_index",
+    "backward_gather_index",
     "REORG3D",
     "REORG_OLD",
 ]
@@ -266,6 +268,22 @@ def _backward(variant: str, delta, stride, reverse) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------------------------
 # Public API.
+
+
+def forward_gather_index(old: bool, shape, stride, reverse=False) -> np.ndarray:
+    """``g`` with ``forward(x).reshape(-1) == x.reshape(-1)[g]``: the forward permutation as one gather, for
+    backends that move data with an index (the same index rule, applied to the flat positions)."""
+    variant = REORG_OLD if old else REORG3D
+    size = int(np.prod(shape))
+    return _plan(variant, shape, stride, reverse).run(np.arange(size, dtype=np.intp), backward=False).reshape(-1)
+
+
+def backward_gather_index(old: bool, out_shape, stride, reverse=False) -> np.ndarray:
+    """``g`` with ``backward(delta).reshape(-1) == delta.reshape(-1)[g]`` for a delta of ``out_shape``."""
+    variant = REORG_OLD if old else REORG3D
+    size = int(np.prod(out_shape))
+    plan = _plan_from_output(variant, out_shape, stride, reverse)
+    return plan.run(np.arange(size, dtype=np.intp), backward=True).reshape(-1)
 
 
 def reorg3d_output_shape(shape, stride, reverse=False) -> tuple[int, int, int, int]:

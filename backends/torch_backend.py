@@ -1,0 +1,492 @@
+"""PyTorch implementation: ``nn.Module``s for real models, and the ``torch`` backend that checks them.
+
+- :class:`WeightedShortcut`, :class:`Reorg3d`, :class:`ReorgOld` are drop-in modules. The shortcut's weights are
+  one ``nn.Parameter`` in Darknet's flat layout (slot-major: ``weights[slot * L + k]``).
+- ``dialect="exact"`` is plain autograd. The Darknet dialects run through :class:`DarknetShortcutFunction`, whose
+  backward reproduces Darknet's activation gradients and its surrogate weight gradient (spec/shortcut.md).
+- :func:`darknet_update_` is Darknet's update rule for a training loop.
+- The forward writes into one preallocated output with in-place multiply-adds; the PRN rule is a slice of views.
+
+Sign convention: PyTorch gradients are dL/d(.), Darknet deltas are -dL/d(.); the modules speak PyTorch, the
+backend class converts at the NumPy boundary.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from darkspec.backends.base import REORG_DIALECT, Backend, Capability, capability_grid
+from darkspec.errors import DarkspecError
+from darkspec.reference import reorg as reorg_reference
+from darkspec.reference.activations import ALEXEYAB_NAMES, PJREDDIE_NAMES, SHORTCUT_UNEVALUATED
+from darkspec.reference.dialects import Dialect, parse_dialect
+from darkspec.reference.shortcut import (
+    NORMALIZATION_EPS,
+    RELU_FLOOR,
+    Normalization,
+    ShortcutGradients,
+    ShortcutParams,
+    UpdateParams,
+    WeightsType,
+    pjreddie_index_map,
+    weight_count,
+)
+
+# --- activations: forward, Darknet's gradient factor (of y and x) -------------------------------------------------
+
+_SELU_LAMBDA, _SELU_ALPHA = 1.0507, 1.6732
+_GELU_A, _GELU_B, _GELU_GRAD_B, _GELU_GRAD_C1, _GELU_GRAD_C3 = 0.797885, 0.035677, 0.0356774, 0.398942, 0.0535161
+
+
+def _kept(x, inside, clamped):
+    """x where ``inside``, else ``clamped`` with no gradient: derivative 1 inside, 0 on the flat parts and kinks."""
+    return torch.where(inside, x, clamped.detach())
+
+
+def _stair(x):
+    n, half = torch.floor(x), torch.floor(x / 2)
+    return torch.where((torch.remainder(n, 2) != 0) & (x != n), (x - n) + half, half)
+
+
+FORWARD = {
+    "linear": lambda x: x,
+    "leaky": lambda x: torch.where(x > 0, x, 0.1 * x),
+    "revleaky": lambda x: torch.where(x > 0, x, 0.1 * x),
+    "relu": lambda x: torch.where(x > 0, x, torch.zeros_like(x)),
+    "relu6": lambda x: _kept(x, (x > 0) & (x < 6), torch.clamp(x, 0, 6)),
+    "logistic": torch.sigmoid,
+    "loggy": lambda x: torch.tanh(x / 2),
+    "tanh": torch.tanh,
+    "elu": lambda x: torch.where(x >= 0, x, torch.expm1(torch.clamp(x, max=0))),
+    "selu": lambda x: torch.where(x >= 0, _SELU_LAMBDA * x,
+                                  _SELU_LAMBDA * _SELU_ALPHA * torch.expm1(torch.clamp(x, max=0))),
+    "gelu": lambda x: x * torch.sigmoid(2 * (_GELU_A * x + _GELU_B * x ** 3)),
+    "relie": lambda x: torch.where(x > 0, x, 0.01 * x),
+    "ramp": lambda x: torch.where(x > 0, x, torch.zeros_like(x)) + 0.1 * x,
+    "plse": lambda x: torch.where(x < -4, 0.01 * (x + 4), torch.where(x > 4, 0.01 * (x - 4) + 1, 0.125 * x + 0.5)),
+    "hardtan": lambda x: _kept(x, (x > -1) & (x < 1), torch.clamp(x, -1, 1)),
+    "lhtan": lambda x: torch.where((x > 0) & (x < 1), x, torch.where(x <= 0, 0.001 * x, 0.001 * (x - 1) + 1)),
+    "stair": _stair,
+    "swish": lambda x: x * torch.sigmoid(x),
+    "mish": lambda x: x * torch.tanh(torch.logaddexp(x, torch.zeros_like(x))),
+}
+
+
+def _mish_factor(y, x):
+    softplus = torch.logaddexp(x, torch.zeros_like(x))
+    t = torch.tanh(softplus)
+    return t + x * torch.sigmoid(x) * (1 - t * t)
+
+
+def _gelu_factor(y, x):
+    # Darknet's input-derivative formula evaluated on the output y: not the derivative (spec/activations.md).
+    v = _GELU_GRAD_B * y ** 3 + _GELU_A * y
+    sech = 1 / torch.cosh(v)
+    return 0.5 * torch.tanh(v) + (_GELU_GRAD_C3 * y ** 3 + _GELU_GRAD_C1 * y) * sech * sech + 0.5
+
+
+def _step(condition, where_true, where_false):
+    return lambda y, x: torch.where(condition(y), torch.full_like(y, where_true), torch.full_like(y, where_false))
+
+
+DARKNET_FACTOR = {
+    "linear": lambda y, x: torch.ones_like(y),
+    "leaky": _step(lambda y: y > 0, 1.0, 0.1),
+    "revleaky": _step(lambda y: y > 0, 1.0, 0.1),
+    "relu": _step(lambda y: y > 0, 1.0, 0.0),
+    "relu6": _step(lambda y: (y > 0) & (y < 6), 1.0, 0.0),
+    "logistic": lambda y, x: (1 - y) * y,
+    "loggy": lambda y, x: 2 * (1 - (y + 1) / 2) * ((y + 1) / 2),
+    "tanh": lambda y, x: 1 - y * y,
+    "elu": lambda y, x: torch.where(y >= 0, torch.ones_like(y), y + 1),
+    "selu": lambda y, x: torch.where(y >= 0, torch.full_like(y, _SELU_LAMBDA), y + _SELU_LAMBDA * _SELU_ALPHA),
+    "gelu": _gelu_factor,
+    "relie": _step(lambda y: y > 0, 1.0, 0.01),
+    "ramp": _step(lambda y: y > 0, 1.1, 0.1),
+    "plse": _step(lambda y: (y < 0) | (y > 1), 0.01, 0.125),
+    "hardtan": _step(lambda y: (y > -1) & (y < 1), 1.0, 0.0),
+    "lhtan": _step(lambda y: (y > 0) & (y < 1), 1.0, 0.001),
+    "stair": _step(lambda y: torch.floor(y) == y, 0.0, 1.0),
+    "swish": lambda y, x: y + torch.sigmoid(x) * (1 - y),
+    "mish": _mish_factor,
+}
+#: In-place forms for a preallocated output (inference): no second full-size tensor.
+FORWARD_INPLACE = {
+    "linear": lambda x: x,
+    "relu": lambda x: x.clamp_(min=0),
+    "logistic": torch.sigmoid_,
+    "tanh": torch.tanh_,
+}
+
+
+def _out_of_place(name):
+    return lambda x: x.copy_(FORWARD[name](x))
+
+
+#: The GPU kernel divides revleaky's delta by leaky's factor instead of multiplying.
+GPU_DARKNET_FACTOR = {**DARKNET_FACTOR, "revleaky": _step(lambda y: y > 0, 1.0, 10.0)}
+
+
+def _check_activation(name: str, dialect: Dialect):
+    names = PJREDDIE_NAMES if dialect == Dialect.PJREDDIE else ALEXEYAB_NAMES
+    if name not in names or name in SHORTCUT_UNEVALUATED:
+        evaluated = [n for n in names if n not in SHORTCUT_UNEVALUATED]
+        raise DarkspecError("activation", name, ", ".join(evaluated), code="unknown-activation",
+                            reason="the torch backend implements the activations [shortcut] evaluates")
+
+
+# --- weights: normalization and the surrogate gradients -------------------------------------------------------------
+
+
+def normalized_weights(table: torch.Tensor, normalization: Normalization, relu_floor: float | None) -> torch.Tensor:
+    """``what[slot, k]``: phi / (eps + phi_0 + ... + phi_n), summed left to right (spec/shortcut.md#normalization).
+
+    Differentiable: autograd through it is the ``exact`` dialect's weight gradient.
+    """
+    if normalization == Normalization.NONE:
+        return table
+    if normalization == Normalization.SOFTMAX:
+        phi = torch.exp(table - table.max(dim=0).values)
+    elif relu_floor is None:
+        phi = torch.where(table > 0, table, torch.zeros_like(table))
+    else:
+        phi = torch.where(table > relu_floor, table, torch.full_like(table, relu_floor))
+    total = torch.full_like(phi[0], NORMALIZATION_EPS)
+    for row in phi:
+        total = total + row
+    return phi / total
+
+
+def _surrogate_factor(what: torch.Tensor, normalization: Normalization, dialect: Dialect) -> torch.Tensor:
+    """What Darknet multiplies delta*input by for each weight: 1 on the CPU, the diagonal term on the GPU."""
+    if dialect != Dialect.DARKNET_GPU or normalization == Normalization.NONE:
+        return torch.ones_like(what)
+    return what if normalization == Normalization.RELU else what * (1 - what)
+
+
+# --- the fused sum ----------------------------------------------------------------------------------------------------
+
+
+def _per_element(what_row: torch.Tensor) -> torch.Tensor:
+    """One slot's weights shaped to broadcast over NCHW: (1, L, 1, 1), L = 1 or C."""
+    return what_row.reshape(1, -1, 1, 1)
+
+
+def weighted_sum(x: torch.Tensor, froms, what: torch.Tensor | None, out: torch.Tensor | None = None):
+    """x*what_0 + sum_i from_i*what_i, accumulated in place in one output (``out`` if given: reusing it spares the
+    allocation and its page faults); a from input reaches the first min(C, C_i) channels (the PRN rule for equal
+    spatial sizes) through slices of views, never padded copies."""
+    if what is None:
+        out = x.clone() if out is None else out.copy_(x)
+    else:
+        out = torch.mul(x, _per_element(what[0]), out=out) if out is not None else torch.mul(x, _per_element(what[0]))
+    channels = x.shape[1]
+    for slot, add in enumerate(froms, start=1):
+        c = min(channels, add.shape[1])
+        if what is None:
+            out[:, :c].add_(add[:, :c])
+        else:
+            weight = _per_element(what[slot])
+            out[:, :c].addcmul_(add[:, :c], weight if weight.shape[1] == 1 else weight[:, :c])
+    return out
+
+
+def _pjreddie_sum(x, add, alpha, beta):
+    source, dest = pjreddie_index_map(tuple(add.shape), tuple(x.shape))
+    out = x.clone()
+    out[dest] = alpha * out[dest] + beta * add[source]
+    return out
+
+
+class DarknetShortcutFunction(torch.autograd.Function):
+    """The Darknet dialects' forward and backward: Darknet's activation gradient and surrogate weight gradient.
+
+    ``forward(ctx, settings, weights, x, *froms)``; ``settings`` is a :class:`_Settings`.
+    """
+
+    @staticmethod
+    def forward(ctx, settings, weights, x, *froms):
+        pre = settings.pre_activation(weights, x, froms)
+        out = FORWARD[settings.params.activation](pre)
+        ctx.settings = settings
+        ctx.save_for_backward(weights if weights is not None else torch.empty(0), x, pre, out, *froms)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        settings = ctx.settings
+        weights, x, pre, out, *froms = ctx.saved_tensors
+        g = grad_out * settings.activation_factor(out, pre)
+        if settings.dialect == Dialect.PJREDDIE:
+            return (None, None, *_pjreddie_grads(g, x, froms[0], settings.params))
+        what = settings.what(weights) if weights.numel() else None
+        grads = _input_grads(g, [x, *froms], what)
+        weight_grad = None
+        if what is not None:
+            factor = _surrogate_factor(what, settings.params.weights_normalization, settings.dialect)
+            weight_grad = (_delta_times_input(g, [x, *froms], what.shape[1]) * factor).reshape(-1)
+        return (None, weight_grad, *grads)
+
+
+def _pjreddie_grads(g, x, add, params):
+    source, dest = pjreddie_index_map(tuple(add.shape), tuple(x.shape))
+    grad_add = torch.zeros_like(add)
+    grad_add[source] = params.beta * g[dest]
+    return params.alpha * g, grad_add
+
+
+def _input_grads(g, inputs, what):
+    """Each input's gradient: g*what_slot over the channels it reaches, zero elsewhere."""
+    channels = g.shape[1]
+    grads = []
+    for slot, source in enumerate(inputs):
+        grad = torch.zeros_like(source)
+        c = min(channels, source.shape[1])
+        term = g[:, :c]
+        if what is not None:
+            weight = _per_element(what[slot])
+            term = term * (weight if weight.shape[1] == 1 else weight[:, :c])
+        grad[:, :c] = term
+        grads.append(grad)
+    return grads
+
+
+def _delta_times_input(g, inputs, per_input):
+    """sum over the elements of each weight of g*input: a [slot, k] table (k = channel, or one k for all)."""
+    channels = g.shape[1]
+    table = torch.zeros((len(inputs), channels), dtype=torch.float64, device=g.device)
+    for slot, source in enumerate(inputs):
+        c = min(channels, source.shape[1])
+        table[slot, :c] = (g[:, :c] * source[:, :c]).double().sum(dim=(0, 2, 3))
+    table = table if per_input == channels else table.sum(dim=1, keepdim=True)
+    return table.to(g.dtype)
+
+
+class _Settings:
+    """What the function needs besides tensors (autograd.Function takes it as a plain argument)."""
+
+    def __init__(self, params: ShortcutParams, dialect: Dialect, n_from: int):
+        self.params, self.dialect, self.n_from = params, dialect, n_from
+
+    def pre_activation(self, weights, x, froms, out=None):
+        if self.dialect == Dialect.PJREDDIE:
+            pre = _pjreddie_sum(x, froms[0], self.params.alpha, self.params.beta)
+            return pre if out is None else out.copy_(pre)
+        return weighted_sum(x, froms, self.what(weights), out)
+
+    def activation_factor(self, out, pre):
+        """Darknet's gradient factor of the activation (the Darknet dialects)."""
+        factors = GPU_DARKNET_FACTOR if self.dialect == Dialect.DARKNET_GPU else DARKNET_FACTOR
+        return factors[self.params.activation](out, pre)
+
+    def what(self, weights):
+        if weights is None or not weights.numel():
+            return None
+        table = weights.reshape(self.n_from + 1, -1)
+        if self.dialect == Dialect.DARKNET_INFERENCE:
+            return normalized_weights(table, self.params.weights_normalization, RELU_FLOOR)
+        floor = RELU_FLOOR if self.dialect == Dialect.DARKNET_GPU else None
+        return normalized_weights(table, self.params.weights_normalization, floor)
+
+
+# --- modules ----------------------------------------------------------------------------------------------------------
+
+
+class WeightedShortcut(torch.nn.Module):
+    """Darknet's multi-input weighted ``[shortcut]``: ``module(x, *froms)``, x the previous layer's output.
+
+    ``weight`` is an ``nn.Parameter`` of ``(n_from + 1) * L`` values in Darknet's layout (None without weights),
+    initialized to 1 as Darknet does. ``dialect="exact"`` trains with autograd's true gradient; the Darknet
+    dialects reproduce Darknet's backward.
+    """
+
+    def __init__(self, n_from: int, channels: int, weights_type="none", weights_normalization="none",
+                 activation="linear", dialect="darknet-cpu", alpha=1.0, beta=1.0):
+        super().__init__()
+        self.params = ShortcutParams(weights_type, weights_normalization, activation, alpha, beta)
+        self.dialect = parse_dialect(dialect)
+        _check_activation(activation, self.dialect)
+        self.n_from, self.channels = n_from, channels
+        count = weight_count(self.params.weights_type, n_from, channels)
+        self.weight = torch.nn.Parameter(torch.ones(count)) if count else None
+
+    def forward(self, x, *froms, out: torch.Tensor | None = None):
+        """``out``: a preallocated output to write into (inference only: autograd needs fresh tensors)."""
+        if out is not None and torch.is_grad_enabled() and (x.requires_grad or self.weight is not None):
+            raise DarkspecError("out", "a preallocated tensor", "out=None while autograd records (use torch.no_grad())",
+                                code="out-with-autograd")
+        if len(froms) != self.n_from:
+            raise DarkspecError("froms", f"{len(froms)} inputs", f"{self.n_from}, as constructed", code="bad-shape")
+        if x.shape[1] != self.channels:
+            raise DarkspecError("x.shape", tuple(x.shape), f"{self.channels} channels", code="bad-shape")
+        settings = self.settings()
+        if out is not None:
+            return FORWARD_INPLACE.get(self.params.activation, _out_of_place(self.params.activation))(
+                settings.pre_activation(self.weight, x, froms, out))
+        if self.dialect == Dialect.EXACT:
+            return FORWARD[self.params.activation](settings.pre_activation(self.weight, x, froms))
+        return DarknetShortcutFunction.apply(settings, self.weight, x, *froms)
+
+    def settings(self) -> "_Settings":
+        return _Settings(self.params, self.dialect, self.n_from)
+
+    @torch.no_grad()
+    def load_darknet_weights(self, block, offset: int = 0) -> int:
+        """Copy this layer's weights from the flat float32 values of a Darknet ``.weights`` file (after its header),
+        starting at ``offset``; returns the offset after them. A shortcut stores exactly ``nweights`` raw
+        (unnormalized) values there, and nothing at all without weights."""
+        values = np.frombuffer(block, dtype="<f4") if isinstance(block, (bytes, bytearray)) else np.asarray(block)
+        if self.weight is None:
+            return offset
+        end = offset + self.weight.numel()
+        if end > values.size:
+            raise DarkspecError("weights block", f"{values.size - offset} values left",
+                                f"at least {self.weight.numel()} for this layer", code="weights-size")
+        self.weight.copy_(torch.from_numpy(np.array(values[offset:end], dtype=np.float32)))
+        return end
+
+
+class _GatherReorg(torch.nn.Module):
+    """A reorg as one gather with the reference's index map; autograd's scatter is its exact inverse."""
+
+    old = False
+
+    def __init__(self, stride: int, reverse: bool = False):
+        super().__init__()
+        self.stride, self.reverse = stride, reverse
+
+    def forward(self, x):
+        shape = tuple(x.shape)
+        index = torch.from_numpy(reorg_reference.forward_gather_index(self.old, shape, self.stride, self.reverse))
+        out_rule = reorg_reference.reorg_old_output_shape if self.old else reorg_reference.reorg3d_output_shape
+        return x.reshape(-1)[index.to(x.device)].reshape(out_rule(shape, self.stride, self.reverse))
+
+
+class Reorg3d(_GatherReorg):
+    """``[reorg3d]``: space-to-depth (ONNX SpaceToDepth), or Darknet's reverse=1 (spec/reorg.md)."""
+
+
+class ReorgOld(_GatherReorg):
+    """The old ``[reorg]`` YOLOv2 was trained with (spec/reorg.md)."""
+
+    old = True
+
+
+# --- the update rule --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def darknet_update_(weights: torch.Tensor, weight_updates: torch.Tensor, hyper: UpdateParams,
+                    dialect="darknet-cpu") -> None:
+    """Darknet's update, in place (spec/shortcut.md#update). ``weight_updates`` holds Darknet's accumulator: the
+    *negative* gradient summed since the last step (``-weights.grad``)."""
+    dialect = parse_dialect(dialect)
+    if dialect in (Dialect.DARKNET_CPU, Dialect.EXACT):
+        rate = hyper.learning_rate * hyper.learning_rate_scale
+        weight_updates.add_(weights, alpha=-hyper.decay * hyper.batch)
+    elif dialect == Dialect.DARKNET_GPU:
+        if (hyper.burnin_update and hyper.burnin_update * hyper.burn_in > hyper.iteration) \
+                or hyper.train_only_bn or hyper.dont_update >= hyper.iteration:
+            return
+        rate = hyper.learning_rate * hyper.learning_rate_scale / hyper.loss_scale
+        weight_updates.copy_(torch.where(torch.isfinite(weight_updates), weight_updates, 0.0))
+        repair = 1 / (torch.arange(weights.numel(), dtype=weights.dtype, device=weights.device) + 1)
+        weights.copy_(torch.where(torch.isfinite(weights), weights, repair.reshape(weights.shape)))
+        weight_updates.clamp_(-1, 1)
+    else:
+        raise DarkspecError("dialect", dialect.value, "darknet-cpu, darknet-gpu, exact", code="pass-not-in-dialect")
+    weights.add_(weight_updates, alpha=rate / hyper.batch)
+    weight_updates.mul_(hyper.momentum)
+
+
+# --- the backend ------------------------------------------------------------------------------------------------------
+
+SHORTCUT_DIALECTS = tuple(d.value for d in Dialect)
+SHORTCUT_PASSES = {Dialect.DARKNET_INFERENCE.value: ("forward",), Dialect.PJREDDIE.value: ("forward", "backward")}
+
+
+class TorchBackend(Backend):
+    """The modules above behind darkspec's NumPy boundary, on ``device`` (``cpu`` or ``cuda``)."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self.name = "torch" if device == "cpu" else f"torch-{device}"
+
+    def availability(self):
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            return "no CUDA device visible to torch (a CPU build, or no GPU); the torch backend runs on the CPU"
+        return None
+
+    def capabilities(self):
+        dtypes = (np.float32, np.float64)
+        return capability_grid({"shortcut": SHORTCUT_DIALECTS}, dtypes, self.device, SHORTCUT_PASSES) | \
+            capability_grid({"reorg3d": (REORG_DIALECT,), "reorg": (REORG_DIALECT,)}, dtypes, self.device)
+
+    def version(self):
+        return f"torch {torch.__version__} ({self.device})"
+
+    def _tensor(self, array, grad=False):
+        return torch.tensor(np.asarray(array), device=self.device, requires_grad=grad)
+
+    def _module(self, x, froms, weights, params, dialect) -> WeightedShortcut:
+        dialect = parse_dialect(dialect)
+        if dialect != Dialect.PJREDDIE and any(f.shape[2:] != x.shape[2:] for f in froms):
+            raise DarkspecError("froms spatial size", [f.shape[2:] for f in froms], f"{x.shape[2:]}, like x",
+                                code="spatial-mismatch")
+        module = WeightedShortcut(len(froms), x.shape[1], params.weights_type, params.weights_normalization,
+                                  params.activation, dialect, params.alpha, params.beta)
+        module = module.to(device=self.device, dtype=self._tensor(np.empty(0, x.dtype)).dtype)
+        if module.weight is not None:
+            with torch.no_grad():
+                module.weight.copy_(self._tensor(weights))
+        return module
+
+    def shortcut_forward(self, x, froms, weights, *, params, dialect, **_):
+        module = self._module(x, froms, weights, params, dialect)
+        with torch.no_grad():
+            return module(self._tensor(x), *(self._tensor(f) for f in froms)).cpu().numpy()
+
+    def shortcut_backward(self, x, froms, weights, delta, *, params, dialect, weight_updates=None, **_):
+        module = self._module(x, froms, weights, params, dialect)
+        settings = module.settings()
+        inputs = [self._tensor(a, grad=True) for a in (x, *froms)]
+        delta_t = self._tensor(delta)
+        pre = settings.pre_activation(module.weight, inputs[0], inputs[1:])
+        if module.dialect == Dialect.EXACT:
+            pre.retain_grad()
+            FORWARD[params.activation](pre).backward(-delta_t)
+            d = -pre.grad
+        else:
+            module(*inputs).backward(-delta_t)
+            d = delta_t * settings.activation_factor(FORWARD[params.activation](pre.detach()), pre.detach())
+        updates = None
+        if module.weight is not None:
+            init = np.zeros_like(weights) if weight_updates is None else np.asarray(weight_updates)
+            updates = init - module.weight.grad.cpu().numpy()
+        return ShortcutGradients(delta=d.detach().cpu().numpy(), input_deltas=[-a.grad.cpu().numpy() for a in inputs],
+                                 weight_updates=updates)
+
+    def shortcut_update(self, weights, weight_updates, hyper, dialect):
+        w, wu = self._tensor(weights), self._tensor(weight_updates)
+        darknet_update_(w, wu, hyper, dialect)
+        return w.cpu().numpy(), wu.cpu().numpy()
+
+    def reorg_forward(self, x, stride, reverse, old):
+        with torch.no_grad():
+            return (ReorgOld if old else Reorg3d)(stride, reverse)(self._tensor(x)).cpu().numpy()
+
+    def reorg_backward(self, delta, stride, reverse, old, previous_delta):
+        # The gradient of the gather is its inverse permutation: the previous delta is overwritten, as in Darknet.
+        x = torch.zeros(np.shape(previous_delta), dtype=self._tensor(delta).dtype, device=self.device,
+                        requires_grad=True)
+        (ReorgOld if old else Reorg3d)(stride, reverse)(x).backward(self._tensor(delta))
+        return x.grad.cpu().numpy()
+
+
+class TorchCudaBackend(TorchBackend):
+    """The same modules on the first CUDA device."""
+
+    def __init__(self):
+        super().__init__("cuda")

@@ -1,0 +1,139 @@
+"""The PyTorch backend and modules: conformance, autograd, Darknet gradients, weights loading, update."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the torch backend needs PyTorch (pip install darkspec[oracles])")
+
+from darkspec.backends.torch_backend import (  # noqa: E402
+    FORWARD,
+    Reorg3d,
+    ReorgOld,
+    TorchBackend,
+    WeightedShortcut,
+    darknet_update_,
+)
+from darkspec.conformance.report import cell  # noqa: E402
+from darkspec.conformance.suite import run_suite  # noqa: E402
+from darkspec.errors import DarkspecError  # noqa: E402
+from darkspec.reference import reorg, shortcut  # noqa: E402
+from darkspec.reference.shortcut import ShortcutParams, UpdateParams  # noqa: E402
+
+from conftest import GOLDEN  # noqa: E402
+
+
+def test_the_cpu_backend_passes_everything_it_declares():
+    report = run_suite(TorchBackend(), "ci", [GOLDEN])
+    declared = {c.label() for c in TorchBackend().capabilities()}
+    assert not report.failed, [r.first_failure for r in report.results if not r.passed]
+    assert all(cell(report, label).startswith("pass") for label in declared)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA path is checked on a GPU only")
+def test_the_cuda_backend_passes_everything_it_declares():
+    backend = TorchBackend("cuda")
+    assert not run_suite(backend, "ci", [GOLDEN]).failed
+
+
+def random_inputs(seed=0, dtype=torch.float64, from_channels=(5, 2)):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 2, 2, generator=g, dtype=dtype)
+    froms = [torch.randn(2, c, 2, 2, generator=g, dtype=dtype) for c in from_channels]
+    return x, froms
+
+
+@pytest.mark.parametrize("normalization", ["none", "relu", "softmax"])
+def test_exact_dialect_is_plain_autograd_and_passes_gradcheck(normalization):
+    x, froms = random_inputs()
+    module = WeightedShortcut(2, 3, "per_channel", normalization, "logistic", "exact").double()
+    with torch.no_grad():
+        module.weight.copy_(torch.linspace(0.3, 1.7, 9, dtype=torch.float64))  # away from relu's kink and ties
+    inputs = [t.requires_grad_() for t in (x, *froms)]
+    assert torch.autograd.gradcheck(lambda *a: module(*a), inputs)
+    weight = module.weight.detach().clone().requires_grad_()
+
+    def of_weight(w):
+        return shortcut_forward_with(module, w, x, froms)
+
+    assert torch.autograd.gradcheck(of_weight, (weight,))
+
+
+def shortcut_forward_with(module, weight, x, froms):
+    settings = module.settings()
+    return FORWARD[module.params.activation](settings.pre_activation(weight, x.detach(), [f.detach() for f in froms]))
+
+
+@pytest.mark.parametrize("dialect", ["darknet-cpu", "darknet-gpu"])
+def test_darknet_dialects_give_the_reference_surrogate_as_minus_the_weight_gradient(dialect):
+    x, froms = random_inputs(dtype=torch.float64)
+    module = WeightedShortcut(2, 3, "per_feature", "softmax", "leaky", dialect).double()
+    delta = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    inputs = [t.clone().requires_grad_() for t in (x, *froms)]
+    module(*inputs).backward(-delta)  # Darknet's delta is minus the gradient
+    params = ShortcutParams("per_feature", "softmax", "leaky")
+    expected = shortcut.backward(x.numpy(), [f.numpy() for f in froms], module.weight.detach().numpy(),
+                                 delta.numpy(), params, dialect)
+    np.testing.assert_allclose(-module.weight.grad.numpy(), expected.weight_updates, rtol=1e-12, atol=1e-12)
+    for got, want in zip(inputs, expected.input_deltas):
+        np.testing.assert_allclose(-got.grad.numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_preallocated_output_matches_and_is_refused_under_autograd():
+    x, froms = random_inputs(dtype=torch.float32)
+    module = WeightedShortcut(2, 3, "per_channel", "relu", "relu")
+    out = torch.empty_like(x)
+    with torch.no_grad():
+        expected = module(x, *froms)
+        assert module(x, *froms, out=out) is out
+    assert torch.equal(out, expected)
+    with pytest.raises(DarkspecError) as raised:
+        module(x, *froms, out=out)
+    assert raised.value.code == "out-with-autograd"
+
+
+def test_load_darknet_weights_reads_the_flat_block_in_darknet_layout():
+    a = WeightedShortcut(2, 3, "per_channel", "softmax")
+    b = WeightedShortcut(1, 3, "per_feature", "relu")
+    none = WeightedShortcut(1, 3)
+    block = np.arange(11, dtype="<f4").tobytes()  # 9 values for a, 2 for b, nothing for the unweighted layer
+    offset = a.load_darknet_weights(block)
+    offset = none.load_darknet_weights(block, offset)
+    assert b.load_darknet_weights(block, offset) == 11
+    assert a.weight.tolist() == list(range(9)) and b.weight.tolist() == [9.0, 10.0]
+    with pytest.raises(DarkspecError) as raised:
+        b.load_darknet_weights(block, 10)
+    assert raised.value.code == "weights-size"
+
+
+@pytest.mark.parametrize("dialect", ["darknet-cpu", "darknet-gpu", "exact"])
+def test_update_function_follows_the_reference(dialect):
+    rng = np.random.default_rng(3)
+    weights = rng.standard_normal(6).astype(np.float32)
+    updates = (4 * rng.standard_normal(6)).astype(np.float32)
+    hyper = UpdateParams(learning_rate=0.01, momentum=0.9, decay=0.0005, batch=8)
+    w, wu = torch.from_numpy(weights.copy()), torch.from_numpy(updates.copy())
+    darknet_update_(w, wu, hyper, dialect)
+    expected_w, expected_wu = shortcut.update(weights, updates, hyper, dialect)
+    np.testing.assert_allclose(w.numpy(), expected_w, rtol=1e-6)
+    np.testing.assert_allclose(wu.numpy(), expected_wu, rtol=1e-6)
+
+
+@pytest.mark.parametrize("module, forward, backward, shape, reverse", [
+    (Reorg3d, reorg.reorg3d_forward, reorg.reorg3d_backward, (2, 3, 4, 6), False),
+    (Reorg3d, reorg.reorg3d_forward, reorg.reorg3d_backward, (1, 32, 2, 1), True),
+    (ReorgOld, reorg.reorg_old_forward, reorg.reorg_old_backward, (2, 8, 4, 2), False),
+    (ReorgOld, reorg.reorg_old_forward, reorg.reorg_old_backward, (1, 4, 2, 2), True),
+])
+def test_reorg_modules_are_the_reference_permutations_both_ways(module, forward, backward, shape, reverse):
+    x = torch.arange(int(np.prod(shape)), dtype=torch.float32).reshape(shape).requires_grad_()
+    y = module(2, reverse)(x)
+    assert np.array_equal(y.detach().numpy(), forward(x.detach().numpy(), 2, reverse))
+    grad = torch.randn(y.shape)
+    y.backward(grad)
+    assert np.array_equal(x.grad.numpy(), backward(grad.numpy(), 2, reverse))
+
+
+def test_unevaluated_activations_are_refused():
+    with pytest.raises(DarkspecError) as raised:
+        WeightedShortcut(1, 3, activation="hard_mish")
+    assert raised.value.code == "unknown-activation"
