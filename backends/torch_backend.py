@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from darkspec.backends.base import REORG_DIALECT, Backend, Capability, capability_grid
+from darkspec.backends.base import REORG_DIALECT, Backend, capability_grid
 from darkspec.errors import DarkspecError
 from darkspec.reference import reorg as reorg_reference
 from darkspec.reference.activations import ALEXEYAB_NAMES, PJREDDIE_NAMES, SHORTCUT_UNEVALUATED
@@ -29,7 +28,6 @@ from darkspec.reference.shortcut import (
     ShortcutGradients,
     ShortcutParams,
     UpdateParams,
-    WeightsType,
     pjreddie_index_map,
     weight_count,
 )

@@ -1,6 +1,5 @@
 """The conformance harness: backend protocol, registry, suite, matrix and reports."""
 
-import json
 import os
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from darkspec.backends.base import Backend, Capability
+from darkspec.backends.base import Capability
 from darkspec.backends.reference import ReferenceBackend
 from darkspec.backends.registry import PLANNED, UnavailableBackend, discover, load
 from darkspec.cli import main
