@@ -140,42 +140,46 @@ def float_option(section: Section, index: int, key: str, default: float) -> floa
     value = section.options.get(key)
     if value is None:
         return default
-    try:
-        return float(value)
-    except ValueError:
-        raise DarkspecError(f"{section.where(index)} {key}", value, "a number", code="not-a-number") from None
+    if not re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value):
+        raise DarkspecError(f"{section.where(index)} {key}", value, "a decimal number", code="not-a-number")
+    return float(value)
 
 
-def resolve_from(section: Section, index: int, library: str) -> tuple[int, ...]:
-    """The ``from=`` list as absolute layer indices: negative entries count back from this layer (-1 is the previous
-    layer), others are absolute. Each must name an earlier layer."""
+def layer_indices(section: Section, index: int, key: str, *, missing_reason: str = "") -> tuple[int, ...]:
+    """A comma-separated list of layers (``from=``, ``layers=``) as absolute indices: negative entries count back
+    from this layer (-1 is the previous layer), others are absolute. Each must name an earlier layer."""
     where = section.where(index)
-    text = section.options.get("from")
+    text = section.options.get(key)
     if text is None:
-        raise DarkspecError(f"{where} from", None, "a comma-separated list of layer indices", code="from-missing",
-                            reason="Darknet crashes on a [shortcut] without from=")
-    entries = text.split(",")
-    if library == "pjreddie" and len(entries) > 1:
-        raise DarkspecError(f"{where} from", text, "a single layer index in the pjreddie dialect",
-                            code="pjreddie-single-from",
-                            reason="pjreddie's parser silently reads only the first index")
+        raise DarkspecError(f"{where} {key}", None, "a comma-separated list of layer indices",
+                            code=f"{key}-missing", reason=missing_reason)
     resolved = []
-    for entry in entries:
+    for entry in text.split(","):
         if entry == "":
-            raise DarkspecError(f"{where} from", text, "layer indices without empty entries",
+            raise DarkspecError(f"{where} {key}", text, "layer indices without empty entries",
                                 code="from-empty-entry",
                                 reason="Darknet reads an empty entry (a trailing comma) as absolute layer 0")
         if not re.fullmatch(r"[+-]?\d+", entry):
-            raise DarkspecError(f"{where} from", entry, "an integer layer index", code="from-not-integer")
+            raise DarkspecError(f"{where} {key}", entry, "an integer layer index", code="from-not-integer")
         value = int(entry)
         absolute = index + value if value < 0 else value
         if not 0 <= absolute < index:
             raise DarkspecError(
-                f"{where} from", entry, f"an earlier layer: -1..-{index} or 0..{index - 1}",
+                f"{where} {key}", entry, f"an earlier layer: -1..-{index} or 0..{index - 1}",
                 code="from-out-of-range", reason=f"it resolves to layer {absolute}",
             )
         resolved.append(absolute)
     return tuple(resolved)
+
+
+def resolve_from(section: Section, index: int, library: str) -> tuple[int, ...]:
+    """The ``from=`` list of a [shortcut] (pjreddie's takes exactly one layer)."""
+    text = section.options.get("from", "")
+    if library == "pjreddie" and "," in text:
+        raise DarkspecError(f"{section.where(index)} from", text, "a single layer index in the pjreddie dialect",
+                            code="pjreddie-single-from",
+                            reason="pjreddie's parser silently reads only the first index")
+    return layer_indices(section, index, "from", missing_reason="Darknet crashes on a [shortcut] without from=")
 
 
 def parse_shortcut(section: Section, index: int, library: str = "alexeyab") -> ShortcutSection:

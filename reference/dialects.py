@@ -43,8 +43,9 @@ def parse_dialect(value: str | Dialect) -> Dialect:
 
 
 def parse_quirks(values) -> frozenset[Quirk]:
+    """Quirk names (or one name) as a set of Quirk."""
     quirks = set()
-    for value in values:
+    for value in [values] if isinstance(values, str) else values:
         try:
             quirks.add(Quirk(value))
         except ValueError:

@@ -16,6 +16,7 @@ from darkspec.reference.cfg import (
     Section,
     ShortcutSection,
     int_option,
+    layer_indices,
     parse_shortcut,
     positive_option,
     read_sections,
@@ -80,28 +81,8 @@ def _upsample(section, index, shape):
     return (c, h // -stride, w // -stride) if stride < 0 else (c, h * stride, w * stride)
 
 
-def _layer_refs(section, index, key):
-    text = section.options.get(key)
-    if not text:
-        raise DarkspecError(f"{section.where(index)} {key}", text, "a comma-separated list of layer indices",
-                            code="layers-missing")
-    refs = []
-    for entry in text.split(","):
-        try:
-            value = int(entry)
-        except ValueError:
-            raise DarkspecError(f"{section.where(index)} {key}", entry, "an integer layer index",
-                                code="from-not-integer") from None
-        absolute = index + value if value < 0 else value
-        if not 0 <= absolute < index:
-            raise DarkspecError(f"{section.where(index)} {key}", entry, f"an earlier layer (0..{index - 1})",
-                                code="from-out-of-range")
-        refs.append(absolute)
-    return refs
-
-
 def _route(section, index, shape, layers):
-    refs = [layers[r].output_shape for r in _layer_refs(section, index, "layers")]
+    refs = [layers[r].output_shape for r in layer_indices(section, index, "layers")]
     if any(r[1:] != refs[0][1:] for r in refs):
         raise DarkspecError(f"{section.where(index)} layers", [r for r in refs], "layers of one spatial size",
                             code="spatial-mismatch")
@@ -110,7 +91,7 @@ def _route(section, index, shape, layers):
 
 
 def _from_shape(section, index, shape, layers):
-    return layers[_layer_refs(section, index, "from")[0]].output_shape
+    return layers[layer_indices(section, index, "from")[0]].output_shape
 
 
 def _reorg(section, index, shape, old):
@@ -120,7 +101,7 @@ def _reorg(section, index, shape, old):
     return shape_rule((1, *shape), stride, reverse)[1:], ReorgSection(index, old, stride, reverse)
 
 
-_SAME_SHAPE = {"dropout", "softmax", "cost", "yolo", "region", "sam", "batchnorm", "activation", "gaussian_yolo"}
+_SAME_SHAPE = {"dropout", "softmax", "cost", "yolo", "region", "sam", "batchnorm", "activation", "Gaussian_yolo"}
 
 
 def _check_shortcut_shapes(op: ShortcutSection, section, shape, layers, library):
@@ -150,42 +131,55 @@ def parse_network(text: str, library: str = "alexeyab") -> Network:
     layers: list[Layer] = []
     deviations: set[str] = set()
     for index, section in enumerate(sections[1:]):
-        op = None
-        kind = section.name
-        if kind in ("convolutional", "conv"):
-            out = _conv(section, index, shape)
-        elif kind in ("maxpool", "max"):
-            out = _maxpool(section, index, shape)
-        elif kind in ("avgpool", "avg"):
-            out = (shape[0], 1, 1)
-        elif kind == "upsample":
-            out = _upsample(section, index, shape)
-        elif kind == "route":
-            out = _route(section, index, shape, layers)
-        elif kind == "scale_channels":
-            out = _from_shape(section, index, shape, layers)
-        elif kind == "shortcut":
-            op = parse_shortcut(section, index, library)
-            _check_shortcut_shapes(op, section, shape, layers, library)
-            deviations.update(op.deviations)
-            out = shape
-        elif kind in ("reorg3d", "reorg"):
-            out, op = _reorg(section, index, shape, old=kind == "reorg")
-        elif kind in _SAME_SHAPE:
-            out = shape
-        else:
-            raise DarkspecError(f"{section.where(index)}", kind, "a layer type darkspec knows the shape rule of: "
-                                "convolutional, maxpool, avgpool, upsample, route, scale_channels, shortcut, "
-                                f"reorg3d, reorg, {', '.join(sorted(_SAME_SHAPE))}", code="unknown-layer-type")
-        if any(size < 1 for size in out):
-            raise DarkspecError(f"{section.where(index)} output shape", out, "positive sizes",
-                                code="empty-output")
-        layers.append(Layer(index, kind, shape, tuple(out), section, op))
-        shape = tuple(out)
+        try:
+            layer = _layer(section, index, shape, layers, library)
+        except DarkspecError as error:
+            if error.setting.startswith("["):
+                raise
+            # the op's own rules know no cfg: say where in the cfg the refused value comes from
+            raise DarkspecError(f"{section.where(index)} {error.setting}", error.value, error.allowed,
+                                code=error.code, reason=error.reason) from None
+        if isinstance(layer.op, ShortcutSection):
+            deviations.update(layer.op.deviations)
+        layers.append(layer)
+        shape = layer.output_shape
     if library == "alexeyab" and layers and not any(l.input_shape[1] > 1 and l.input_shape[2] > 1 for l in layers):
         # AlexeyAB's parser averages the outputs of layers with w > 1 and h > 1 and divides by their count.
         deviations.add("darknet-no-2d-layer")
     return Network(shape_of_input(net), batch, tuple(layers), tuple(sorted(deviations)))
+
+
+def _layer(section: Section, index: int, shape: Shape, layers: list[Layer], library: str) -> Layer:
+    """One layer's shape rule (and, for the layers darkspec specifies, its typed parameters)."""
+    op = None
+    kind = section.name
+    if kind in ("convolutional", "conv"):
+        out = _conv(section, index, shape)
+    elif kind in ("maxpool", "max"):
+        out = _maxpool(section, index, shape)
+    elif kind in ("avgpool", "avg"):
+        out = (shape[0], 1, 1)
+    elif kind == "upsample":
+        out = _upsample(section, index, shape)
+    elif kind == "route":
+        out = _route(section, index, shape, layers)
+    elif kind == "scale_channels":
+        out = _from_shape(section, index, shape, layers)
+    elif kind == "shortcut":
+        op = parse_shortcut(section, index, library)
+        _check_shortcut_shapes(op, section, shape, layers, library)
+        out = shape
+    elif kind in ("reorg3d", "reorg"):
+        out, op = _reorg(section, index, shape, old=kind == "reorg")
+    elif kind in _SAME_SHAPE:
+        out = shape
+    else:
+        raise DarkspecError(f"{section.where(index)}", kind, "a layer type darkspec knows the shape rule of: "
+                            "convolutional, maxpool, avgpool, upsample, route, scale_channels, shortcut, "
+                            f"reorg3d, reorg, {', '.join(sorted(_SAME_SHAPE))}", code="unknown-layer-type")
+    if any(size < 1 for size in out):
+        raise DarkspecError(f"{section.where(index)} output shape", out, "positive sizes", code="empty-output")
+    return Layer(index, kind, shape, tuple(out), section, op)
 
 
 def shape_of_input(net: Section) -> Shape:

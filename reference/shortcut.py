@@ -291,19 +291,23 @@ def _cpu_quirks(quirks, dialect):
     return quirks - cpu_only if parse_dialect(dialect) == Dialect.DARKNET_GPU else quirks
 
 
-def _activate(pre, params, dialect, quirks):
+def _zeroed_by_quirk(params, quirks) -> bool:
+    """Darknet's [shortcut] outputs 0 for this activation (allowed only under the quirk that asks for it)."""
     name = params.activation
-    if name in activations.SHORTCUT_UNEVALUATED:
-        return np.zeros_like(pre)  # _check_activation let it through only under the quirk
-    if name == "relu6" and Quirk.CPU_RELU6_ZERO in quirks:
+    return name in activations.SHORTCUT_UNEVALUATED or (name == "relu6" and Quirk.CPU_RELU6_ZERO in quirks)
+
+
+def _activate(pre, params, dialect, quirks):
+    if _zeroed_by_quirk(params, quirks):
         return np.zeros_like(pre)
-    return activations.activate(name, pre)
+    return activations.activate(params.activation, pre)
 
 
-def _activation_factor(pre, out, params, dialect):
+def _activation_factor(pre, out, params, dialect, quirks):
     name = params.activation
     if dialect == Dialect.EXACT:
-        return activations.derivative(name, pre)
+        # the derivative of what the forward computed: 0 where a quirk made the forward 0
+        return np.zeros_like(pre) if _zeroed_by_quirk(params, quirks) else activations.derivative(name, pre)
     if name in activations.GRADIENT_ABORTS:
         raise DarkspecError(
             "activation",
@@ -381,7 +385,7 @@ def backward(
     what = _normalized(weights, params, len(froms), dialect)
     pre = _weighted_sum(x, froms, what, quirks, from_input_shapes)
     out = _activate(pre, params, dialect, quirks)
-    d = delta * _activation_factor(pre, out, params, dialect)
+    d = delta * _activation_factor(pre, out, params, dialect, quirks)
 
     inputs = [x, *froms]
     input_deltas = [_input_delta(d, inputs[slot], what, slot) for slot in range(len(inputs))]
@@ -574,7 +578,7 @@ def _pjreddie_backward(x, froms, delta, params, quirks):
     layer gets beta * delta where the two met."""
     pre = _pjreddie_sum(x, froms, None, params)
     out = _activate(pre, params, Dialect.PJREDDIE, quirks)
-    d = delta * _activation_factor(pre, out, params, Dialect.PJREDDIE)
+    d = delta * _activation_factor(pre, out, params, Dialect.PJREDDIE, quirks)
     t = x.dtype.type
     source, dest = pjreddie_index_map(froms[0].shape, x.shape)
     from_delta = np.zeros_like(froms[0])

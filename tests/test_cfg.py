@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from darkspec.errors import DarkspecError
-from darkspec.reference.cfg import DELIBERATE_DIFFERENCES, parse_shortcut, read_sections
+from darkspec.reference.cfg import DELIBERATE_DIFFERENCES, Section, parse_shortcut, read_sections
 from darkspec.reference.network import parse_network
 from darkspec.reference.shortcut import Normalization, WeightsType
 
@@ -31,6 +31,96 @@ def refused(text, code, **kwargs):
         network(text, **kwargs)
     assert raised.value.code == code, str(raised.value)
     return str(raised.value)
+
+
+def refused_network(text, code, library="alexeyab"):
+    """``text`` comes after NET."""
+    with pytest.raises(DarkspecError) as raised:
+        parse_network(NET + text, library)
+    assert raised.value.code == code, str(raised.value)
+    return str(raised.value)
+
+
+def output_shape(text):
+    """The last layer's output shape; ``text`` comes after NET (input 3x4x4)."""
+    return parse_network(NET + text).layers[-1].output_shape
+
+
+# --- libraries, reading the text --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("library", ["darknet", "AlexeyAB", "hank-ai"])
+def test_a_library_other_than_alexeyab_or_pjreddie_is_refused(library):
+    for parse in (lambda: parse_network(NET, library),
+                  lambda: parse_shortcut(Section("shortcut", 1, {"from": "-1"}), 1, library)):
+        with pytest.raises(DarkspecError) as raised:
+            parse()
+        assert raised.value.code == "unknown-library"
+
+
+def test_section_names_are_case_sensitive():
+    assert read_sections("[Shortcut]\n")[0].name == "Shortcut"
+    assert read_sections("[ shortcut ]\n")[0].name == "shortcut"  # whitespace goes, case stays
+    refused_network("[convolutional]\n[Shortcut]\nfrom=-1\n", "unknown-layer-type")
+    with pytest.raises(DarkspecError) as raised:
+        parse_network("[Net]\nwidth=4\n")
+    assert raised.value.code == "no-net-section"
+
+
+@pytest.mark.parametrize("line", ["[net", "[]", "[net]x", "[net]]x"])
+def test_a_line_starting_with_a_bracket_must_be_a_header(line):
+    with pytest.raises(DarkspecError) as raised:
+        read_sections(line + "\n")
+    assert raised.value.code == "bad-line"
+
+
+def test_an_option_value_is_everything_after_the_first_equals_sign():
+    assert read_sections("[net]\nkey=a=b\n")[0].options == {"key": "a=b"}
+
+
+@pytest.mark.parametrize("text", ["[net]\n=4\n", "width=4\n[net]\n"], ids=["empty-key", "before-any-header"])
+def test_an_empty_key_or_an_option_before_the_first_header_is_refused(text):
+    with pytest.raises(DarkspecError) as raised:
+        read_sections(text)
+    assert raised.value.code == "bad-line"
+
+
+@pytest.mark.parametrize("value, filters", [("7", 7), ("+7", 7), ("40#32", 40), ("40 #32", 40), ("3#", 3)])
+def test_an_integer_option_is_a_signed_integer_and_a_hash_starts_a_comment(value, filters):
+    assert output_shape(f"[convolutional]\nfilters={value}\n")[0] == filters
+
+
+@pytest.mark.parametrize("text", ["[convolutional]\nfilters=3x\n", "[convolutional]\nfilters=1.5\n",
+                                  "[convolutional]\nfilters=0x10\n", "[convolutional]\nfilters=\n",
+                                  "[convolutional]\nfilters=#3\n", "[upsample]\nstride=two\n"])
+def test_other_integer_text_is_refused(text):
+    refused_network(text, "not-an-integer")
+
+
+def test_integer_options_of_the_net_section_are_checked_too():
+    with pytest.raises(DarkspecError) as raised:
+        parse_network("[net]\nwidth=4a\n")
+    assert raised.value.code == "not-an-integer"
+
+
+@pytest.mark.parametrize("text", ["alpha=abc\n", "beta=1,5\n", "alpha=\n", "alpha=nan\n", "beta=1_0\n"])
+def test_alpha_and_beta_must_be_numbers(text):
+    refused("from=-2\n" + text, "not-a-number", library="pjreddie")
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "[convolutional]\n[net]\n", "[layer]\n"])
+def test_the_first_section_must_be_net_or_network(text):
+    with pytest.raises(DarkspecError) as raised:
+        parse_network(text)
+    assert raised.value.code == "no-net-section"
+    assert parse_network("[network]\nwidth=2\n").input_shape == (0, 0, 2)
+
+
+def test_errors_name_the_section_its_layer_index_and_its_line():
+    cfg = NET + "[convolutional]\nfilters=3\n\n[shortcut]\nfrom=-1,\n"
+    with pytest.raises(DarkspecError) as raised:
+        parse_network(cfg)
+    assert "[shortcut] (layer 1) at line 9 from='-1,'" in str(raised.value)
 
 
 # --- from= ----------------------------------------------------------------------------------------------------
@@ -66,8 +156,13 @@ def test_from_out_of_range_or_self_is_refused(text):
     refused(text, "from-out-of-range")
 
 
-def test_from_must_be_integers():
-    refused("from=-2a\n", "from-not-integer")
+@pytest.mark.parametrize("value", ["-2a", "-2 #x", "1.0", "x", "0x1"])
+def test_from_must_be_integers(value):
+    refused(f"from={value}\n", "from-not-integer")
+
+
+def test_an_empty_from_value_is_refused_like_an_empty_entry():
+    refused("from=\n", "from-empty-entry")
 
 
 def test_from_with_other_spatial_size_is_refused_by_alexeyab():
@@ -150,6 +245,43 @@ def test_pjreddie_accepts_other_spatial_sizes():
     assert shortcut_of("from=-3\n", strides=(1, 2, 1), library="pjreddie").from_layers == (0,)
 
 
+def test_pjreddie_refuses_a_trailing_comma_as_a_second_entry():
+    refused("from=-2,\n", "pjreddie-single-from", library="pjreddie")
+
+
+PJREDDIE_GENERIC_KEYS = ["truth", "onlyforward", "stopbackward", "dontsave", "dontload", "numload", "dontloadscales",
+                         "learning_rate", "smooth"]
+
+
+def test_pjreddie_accepts_its_generic_layer_keys():
+    text = "".join(f"{key}=1\n" for key in PJREDDIE_GENERIC_KEYS)
+    assert shortcut_of("from=-2\n" + text, library="pjreddie").from_layers == (1,)
+
+
+@pytest.mark.parametrize("key", ["weights_type", "weights_normalization", "weights_normalizion", "clip",
+                                 "dont_update", "burnin_update", "train_only_bn"])
+def test_pjreddie_refuses_alexeyab_keys_it_does_not_read(key):
+    refused(f"from=-2\n{key}=1\n", "unknown-key", library="pjreddie")
+
+
+@pytest.mark.parametrize("key", ["alpha", "beta", "truth", "dontsave", "numload", "smooth"])
+def test_alexeyab_refuses_pjreddie_keys_it_does_not_read(key):
+    refused(f"from=-2\n{key}=1\n", "unknown-key")
+
+
+@pytest.mark.parametrize("library", ["alexeyab", "pjreddie"])
+def test_generic_key_values_are_not_read_so_not_refused(library):
+    assert shortcut_of("from=-2\nlearning_rate=fast\nstopbackward=yes\n", library=library).from_layers == (1,)
+
+
+def test_pjreddie_refuses_height_and_width_ratios_that_differ():
+    """A 4x4 layer into a [shortcut] whose input is 4x2 (stride_x=2): height ratio 1, width ratio 2."""
+    text = "[convolutional]\nfilters=3\n[convolutional]\nfilters=3\nstride_x=2\n[shortcut]\nfrom=-2\n"
+    message = refused_network(text, "pjreddie-spatial-ratio", library="pjreddie")
+    assert "(4, 4)" in message and "(4, 2)" in message
+    assert "[shortcut] (layer 2) at line" in message  # the op's rule, located in the cfg
+
+
 def test_duplicate_keys_are_refused_in_shortcut_sections_only():
     refused("from=-2\nfrom=-3\n", "duplicate-key")
     assert read_sections("[net]\nwidth=1\nwidth=2\n")[0].options == {"width": "1"}  # Darknet reads the first
@@ -169,6 +301,95 @@ def test_every_deliberate_difference_is_named_in_the_spec():
         headings = [re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
                     for line in text.splitlines() if line.startswith("#")]
         assert heading in headings, f"{anchor}: no such heading"
+
+
+# --- shapes ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, input_shape, batch", [
+    ("[net]\nbatch=8\nsubdivisions=4\nwidth=5\nheight=6\nchannels=7\n", (7, 6, 5), 2),
+    ("[net]\nbatch=8\nsubdivisions=0\n", (0, 0, 0), 8),
+    ("[net]\n", (0, 0, 0), 1),
+])
+def test_the_net_section_gives_the_input_shape_and_the_batch(text, input_shape, batch):
+    net = parse_network(text)
+    assert (net.input_shape, net.batch) == (input_shape, batch)
+
+
+@pytest.mark.parametrize("name", ["lstm", "res", "Shortcut", "CONVOLUTIONAL"])
+def test_a_section_name_without_a_shape_rule_is_refused(name):
+    assert f"[{name}] (layer 1)" in refused_network(f"[convolutional]\n[{name}]\nfrom=-1\n", "unknown-layer-type")
+
+
+def test_gaussian_yolo_is_known_in_alexeyabs_spelling_only():
+    assert output_shape("[Gaussian_yolo]\n") == (3, 4, 4)
+    refused_network("[gaussian_yolo]\n", "unknown-layer-type")
+
+
+@pytest.mark.parametrize("text", ["[convolutional]\nsize=5\n", "[convolutional]\nfilters=0\n",
+                                  "[upsample]\nstride=-8\n"])
+def test_a_layer_whose_output_has_a_size_below_1_is_refused(text):
+    refused_network(text, "empty-output")
+
+
+@pytest.mark.parametrize("text", [
+    "[convolutional]\nstride=0\n", "[convolutional]\nsize=0\n", "[convolutional]\nsize=-1\n",
+    "[convolutional]\nstride_x=0\n", "[convolutional]\nstride_y=-2\n",
+    "[maxpool]\nstride=0\n", "[maxpool]\nsize=0\n",
+    "[convolutional]\n[route]\nlayers=-1\ngroups=0\n",
+    "[upsample]\nstride=0\n",
+])
+def test_strides_sizes_and_route_groups_must_be_at_least_1(text):
+    refused_network(text, "not-positive")
+
+
+@pytest.mark.parametrize("text, shape", [
+    ("[convolutional]\nfilters=5\nsize=3\nstride=2\npad=1\n", (5, 2, 2)),
+    ("[convolutional]\nsize=3\npadding=2\n", (1, 6, 6)),
+    ("[convolutional]\nstride=2\nstride_x=1\n", (1, 2, 4)),
+    ("[conv]\nfilters=2\n", (2, 4, 4)),
+    ("[maxpool]\nstride=2\n", (3, 2, 2)),
+    ("[maxpool]\nsize=3\nstride=1\n", (3, 4, 4)),
+    ("[max]\nsize=2\nstride=2\npadding=0\n", (3, 2, 2)),
+    ("[avgpool]\n", (3, 1, 1)),
+    ("[avg]\n", (3, 1, 1)),
+    ("[upsample]\n", (3, 8, 8)),
+    ("[upsample]\nstride=-2\n", (3, 2, 2)),
+    ("[convolutional]\nfilters=4\n[convolutional]\nfilters=2\n[route]\nlayers=-1,-2\n", (6, 4, 4)),
+    ("[convolutional]\nfilters=4\n[convolutional]\nfilters=2\n[route]\nlayers=-1,-2\ngroups=2\n", (3, 4, 4)),
+    ("[convolutional]\nfilters=4\n[convolutional]\nfilters=1\nsize=4\n[scale_channels]\nfrom=-2\n", (4, 4, 4)),
+])
+def test_output_shapes_follow_the_shape_table(text, shape):
+    assert output_shape(text) == shape
+
+
+def test_route_layers_must_share_one_spatial_size():
+    refused_network("[convolutional]\n[convolutional]\nstride=2\n[route]\nlayers=-1,-2\n", "spatial-mismatch")
+
+
+@pytest.mark.parametrize("section", ["[route]\nlayers", "[scale_channels]\nfrom"])
+@pytest.mark.parametrize("value, code", [
+    (None, "{key}-missing"), ("", "from-empty-entry"), ("-1a", "from-not-integer"), ("-1,", "from-empty-entry"),
+    ("-2", "from-out-of-range"), ("1", "from-out-of-range"),
+])
+def test_route_and_scale_channels_references_follow_the_from_rules(section, value, code):
+    header, key = section.split("\n")
+    text = f"[convolutional]\n{header}\n" + ("" if value is None else f"{key}={value}\n")
+    refused_network(text, code.format(key=key))
+
+
+@pytest.mark.parametrize("channels, text, code", [
+    (3, "[reorg3d]\nstride=0\n", "reorg-bad-stride"),
+    (3, "[reorg3d]\nstride=3\n", "reorg-size-not-divisible"),
+    (3, "[reorg3d]\nstride=2\nreverse=1\n", "reorg3d-reverse-channels"),
+    (3, "[reorg]\nstride=2\n", "reorg-old-channels"),
+    (0, "[reorg3d]\nstride=2\n", "reorg-bad-shape"),  # a [net] without channels= gives no image
+])
+def test_parse_network_raises_the_reorg_refusals(channels, text, code):
+    with pytest.raises(DarkspecError) as raised:
+        parse_network(f"[net]\nwidth=4\nheight=4\nchannels={channels}\n" + text)
+    assert raised.value.code == code
+    assert "(layer 0) at line" in str(raised.value)  # the reorg reference's rule, located in the cfg
 
 
 # --- real model cfgs ------------------------------------------------------------------------------------------
