@@ -21,6 +21,14 @@ PASSES = {
 REORG_DIALECT = "darknet"
 
 
+class BackendCrashed(RuntimeError):
+    """The implementation behind a backend stopped (a crash, an abort, an exit) during one pass: ``stage`` is
+    ``parse``, ``forward``, ``backward`` or ``update``. A replay counts it as Darknet's behaviour where the recording
+    shows Darknet stopping in that same pass, and as a failure anywhere else."""
+
+    stage = "unknown"
+
+
 @dataclass(frozen=True, order=True)
 class Capability:
     op: str

@@ -22,11 +22,11 @@ BUILTIN = {
     "reference": "darkspec.backends.reference:ReferenceBackend",
     "torch": "darkspec.backends.torch_backend:TorchBackend",
     "torch-cuda": "darkspec.backends.torch_backend:TorchCudaBackend",
+    "darknet": "darkspec.backends.darknet:DarknetBackend",
 }
 #: Backends darkspec will ship but does not implement yet: listed so the matrix shows them, with the reason.
 PLANNED = {
     "cupy": "the CuPy raw-kernel backend is not implemented in this version of darkspec",
-    "darknet": "the ctypes backend for a real libdarknet.so is not implemented in this version of darkspec",
 }
 
 

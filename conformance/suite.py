@@ -23,7 +23,7 @@ from darkspec.backends.reference import ReferenceBackend
 from darkspec.conformance import recordings as rec
 from darkspec.conformance import strategies
 from darkspec.conformance.compare import Tolerance, compare, largest_magnitude, tolerance_for
-from darkspec.conformance.vectors import recording_dialect, replay
+from darkspec.conformance.vectors import PASS_OF_CRASH, recording_dialect, replay
 from darkspec.reference import activations
 from darkspec.reference.dialects import Dialect
 
@@ -34,7 +34,6 @@ REFERENCE = ReferenceBackend()
 
 #: Array names of a recording and the pass that produces them.
 _UPDATE_ARRAYS = {"weights_after_update", "weight_updates_after_update"}
-_PASS_OF_CRASH = {rec.CRASH_IN_FORWARD: "forward", rec.CRASH_AFTER_FORWARD: "backward"}
 
 
 @dataclass
@@ -195,8 +194,8 @@ def run_property(backend, capability: Capability, examples: int) -> CheckResult:
 
 
 def _pass_of(array_name: str) -> str:
-    if array_name in _PASS_OF_CRASH:
-        return _PASS_OF_CRASH[array_name]
+    if array_name in PASS_OF_CRASH:
+        return PASS_OF_CRASH[array_name]
     if array_name == "output":
         return "forward"
     return "update" if array_name in _UPDATE_ARRAYS else "backward"

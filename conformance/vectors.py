@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from darkspec.backends.base import REORG_DIALECT, Capability
+from darkspec.backends.base import REORG_DIALECT, BackendCrashed, Capability
 from darkspec.backends.reference import ReferenceBackend
 from darkspec.conformance import recordings as rec
 from darkspec.conformance.compare import Comparison, Tolerance, compare, largest_magnitude, tolerance_for
@@ -29,6 +29,8 @@ from darkspec.reference import activations
 from darkspec.reference.shortcut import ShortcutParams, UpdateParams, WeightsType
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+#: The pass a recorded crash happened in.
+PASS_OF_CRASH = {rec.CRASH_IN_FORWARD: "forward", rec.CRASH_AFTER_FORWARD: "backward"}
 
 #: The dialect and quirks of the Darknet build each library's recordings come from (a recording may name its own
 #: ``dialect`` and ``quirks`` in its parameters instead). The AlexeyAB recordings come from a CPU build.
@@ -169,6 +171,12 @@ def _run_pass(recording, checker: _Checker, crash_status: str, call: Callable[[]
         if crashed_here:
             return checker.result(f"Darknet {recording.status}; darkspec refuses: {error}"), None
         checker.comparisons.append(Comparison(crash_status, False, np.inf, np.inf, 0, problem=f"refused: {error}"))
+        return checker.result(), None
+    except BackendCrashed as error:
+        if crashed_here and error.stage == PASS_OF_CRASH[crash_status]:
+            return checker.result(f"Darknet {recording.status}; the backend stopped in {error.stage} too"), None
+        problem = f"raised {type(error).__name__}: {error}"
+        checker.comparisons.append(Comparison(crash_status, False, np.inf, np.inf, 0, problem=problem))
         return checker.result(), None
     except Exception as error:  # a backend's own failure is a failed case, not the end of the run
         problem = f"raised {type(error).__name__}: {error}"

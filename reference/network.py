@@ -102,6 +102,8 @@ def _reorg(section, index, shape, old):
 
 
 _SAME_SHAPE = {"dropout", "softmax", "cost", "yolo", "region", "sam", "batchnorm", "activation", "Gaussian_yolo"}
+#: Sections only AlexeyAB's Darknet (and hank-ai's) knows: pjreddie's parser reports them as unknown.
+ALEXEYAB_ONLY = {"reorg3d", "scale_channels", "sam", "Gaussian_yolo"}
 
 
 def _check_shortcut_shapes(op: ShortcutSection, section, shape, layers, library):
@@ -153,6 +155,9 @@ def _layer(section: Section, index: int, shape: Shape, layers: list[Layer], libr
     """One layer's shape rule (and, for the layers darkspec specifies, its typed parameters)."""
     op = None
     kind = section.name
+    if library == "pjreddie" and kind in ALEXEYAB_ONLY:
+        raise DarkspecError(f"{section.where(index)}", kind, "a layer type pjreddie's Darknet has",
+                            code="unknown-layer-type", reason="only AlexeyAB's Darknet has this section")
     if kind in ("convolutional", "conv"):
         out = _conv(section, index, shape)
     elif kind in ("maxpool", "max"):
