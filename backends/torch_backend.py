@@ -176,11 +176,15 @@ def weighted_sum(x: torch.Tensor, froms, what: torch.Tensor | None, out: torch.T
     """x*what_0 + sum_i from_i*what_i, accumulated in place in one output (``out`` if given: reusing it spares the
     allocation and its page faults); a from input reaches the first min(C, C_i) channels (the PRN rule for equal
     spatial sizes) through slices of views, never padded copies."""
-    if what is None:
+    channels = x.shape[1]
+    if what is None and froms and froms[0].shape[1] >= channels:
+        # the first full-width input in the same pass as the copy of x: one traversal less
+        out = torch.add(x, froms[0][:, :channels], out=out) if out is not None else x + froms[0][:, :channels]
+        froms = froms[1:]
+    elif what is None:
         out = x.clone() if out is None else out.copy_(x)
     else:
         out = torch.mul(x, _per_element(what[0]), out=out) if out is not None else torch.mul(x, _per_element(what[0]))
-    channels = x.shape[1]
     for slot, add in enumerate(froms, start=1):
         c = min(channels, add.shape[1])
         if what is None:
@@ -465,6 +469,21 @@ class TorchBackend(Backend):
             updates = init - module.weight.grad.cpu().numpy()
         return ShortcutGradients(delta=d.detach().cpu().numpy(), input_deltas=[-a.grad.cpu().numpy() for a in inputs],
                                  weight_updates=updates)
+
+    def prepare_forward(self, op, inputs, settings):
+        """The module's forward on tensors that share the NumPy inputs' memory, into a reused output."""
+        x = torch.from_numpy(inputs["x"]).to(self.device)
+        if op == "shortcut":
+            froms = [torch.from_numpy(f).to(self.device) for f in inputs["froms"]]
+            module = self._module(inputs["x"], inputs["froms"], inputs["weights"], settings["params"],
+                                  settings["dialect"])
+            out = torch.empty_like(x)
+            return torch.no_grad()(lambda: module(x, *froms, out=out))
+        stride, reverse = settings["stride"], settings["reverse"]
+        index = torch.from_numpy(reorg_reference.forward_gather_index(op == "reorg", tuple(x.shape), stride,
+                                                                      reverse)).to(self.device)
+        flat, out = x.reshape(-1), torch.empty(index.numel(), dtype=x.dtype, device=self.device)
+        return lambda: torch.index_select(flat, 0, index, out=out)
 
     def shortcut_update(self, weights, weight_updates, hyper, dialect):
         w, wu = self._tensor(weights), self._tensor(weight_updates)

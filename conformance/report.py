@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
 import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,6 +13,7 @@ from tabulate import tabulate
 
 import darkspec
 from darkspec.conformance.suite import PROFILES, BackendReport, all_capabilities
+from darkspec.provenance import git_revision
 
 PASS, FAIL, UNSUPPORTED, UNAVAILABLE = "pass", "FAIL", "unsupported", "unavailable"
 
@@ -46,15 +46,6 @@ def table(reports: list[BackendReport]) -> str:
                              f"({result.check}): {result.failures}/{result.examples} failed; first: "
                              f"{result.first_failure}")
     return "\n".join([text, *notes])
-
-
-def git_revision() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def json_report(reports: list[BackendReport], profile: str) -> dict:

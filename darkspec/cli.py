@@ -1,4 +1,4 @@
-"""The ``darkspec`` command line: ``vectors``, ``conformance``, ``mutants`` and ``golden``."""
+"""The ``darkspec`` command line: ``vectors``, ``conformance``, ``mutants``, ``bench`` and ``golden``."""
 
 from __future__ import annotations
 
@@ -54,6 +54,12 @@ def _mutants(args) -> int:
     return 1 if survivors else 0
 
 
+def _bench(args) -> int:
+    from darkspec.conformance import bench
+
+    return bench.run_args(args)
+
+
 def _golden(args) -> int:
     from darkspec.conformance import golden
 
@@ -89,6 +95,13 @@ def main(argv=None) -> int:
     mutants.add_argument("--profile", choices=["quick", "ci", "thorough"], default="ci")
     _add_golden_options(mutants)
     mutants.set_defaults(run=_mutants)
+
+    bench = commands.add_parser("bench", help="the throughput matrix: GB/s and % of the memory-copy bandwidth per "
+                                "backend and op, and the ratio to eager PyTorch")
+    from darkspec.conformance.bench import add_arguments
+
+    add_arguments(bench)
+    bench.set_defaults(run=_bench)
 
     golden = commands.add_parser("golden", help="verify the golden folder against its manifest, or regenerate "
                                  "the reference regression cases")
