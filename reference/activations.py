@@ -371,6 +371,8 @@ _NOT_ELEMENTWISE = "it normalizes across channels, so it has no elementwise form
 def activate(name: str, x):
     """The activation ``name`` of the pre-activation ``x``."""
     forward = _lookup(_FORWARDS, name, code="activation-not-elementwise", reason=_NOT_ELEMENTWISE)
+    if forward is _linear and np.asarray(x).dtype in (np.float32, np.float64):
+        return np.array(x)  # exact in the dtype: no need for the float64 round trip
     x, dtype = _float64(x)
     return forward(x).astype(dtype)
 

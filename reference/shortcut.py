@@ -264,11 +264,13 @@ def _weighted_sum(x, froms, what, quirks, from_input_shapes):
     ):
         return _fastpath_sum(x, froms[0])
     out = flat_x * _slot_weights(what, 0, sample_size) if what is not None else flat_x.copy()
+    scratch = np.empty_like(out)  # each product rounded into it, then added: no temporaries per input
     for i, add in enumerate(froms):
         flat_add = _flat(add)
         m = prn_overlap(sample_size, flat_add.shape[1])
-        term = flat_add[:, :m] if what is None else flat_add[:, :m] * _slot_weights(what, i + 1, sample_size)[:m]
-        out[:, :m] = out[:, :m] + term
+        term = flat_add[:, :m] if what is None else np.multiply(
+            flat_add[:, :m], _slot_weights(what, i + 1, sample_size)[:m], out=scratch[:, :m])
+        out[:, :m] += term
     return out.reshape(x.shape)
 
 
