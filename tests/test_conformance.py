@@ -107,3 +107,16 @@ def test_the_out_of_tree_example_backend_works_as_the_readme_says(tmp_path):
     rows = {line.split()[0]: line.split()[1] for line in done.stdout.splitlines()[2:] if line.startswith(("shortcut", "reorg"))}
     assert rows.pop("shortcut/darknet-cpu/forward") == "pass"
     assert set(rows.values()) == {"unsupported"}
+
+
+def test_entry_point_backends_are_discovered(monkeypatch):
+    """A package registers a backend under the entry-point group darkspec.backends."""
+    from importlib.metadata import EntryPoint
+
+    import darkspec.backends.registry as registry
+
+    plugin = EntryPoint(name="raising", value="test_conformance:RaisingBackend", group=registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [plugin] if group == registry.ENTRY_POINT_GROUP else [])
+    found = {backend.name: backend for backend in discover()}
+    assert isinstance(found["raising"], RaisingBackend)
+    assert isinstance(load("raising"), RaisingBackend)
