@@ -79,6 +79,11 @@ class Backend:
     def supports(self, capability: Capability) -> bool:
         return capability in self.capabilities()
 
+    def declared(self, op: str, dialect: str, dtype: str, pass_: str) -> Capability | None:
+        """The declared capability for this op, dialect, dtype and pass on whichever device, or None."""
+        return next((c for c in sorted(self.capabilities())
+                     if (c.op, c.dialect, c.dtype, c.pass_) == (op, dialect, dtype, pass_)), None)
+
     def prepare_forward(self, op: str, inputs: dict, settings: dict):
         """Optional, for throughput measurement: a no-argument callable that runs the forward of ``op`` on ``inputs``
         (``x``, and ``froms``/``weights`` for the shortcut) already moved into the backend's own arrays, into a

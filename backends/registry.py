@@ -23,13 +23,8 @@ BUILTIN = {
     "torch": "darkspec.backends.torch_backend:TorchBackend",
     "torch-cuda": "darkspec.backends.torch_backend:TorchCudaBackend",
     "darknet": "darkspec.backends.darknet:DarknetBackend",
+    "cupy": "darkspec.backends.cupy_backend:CupyBackend",
 }
-#: Backends darkspec will ship but does not implement yet: listed so the matrix shows them, with the reason.
-PLANNED = {
-    "cupy": "the CuPy raw-kernel backend is not implemented in this version of darkspec",
-}
-
-
 class UnavailableBackend(Backend):
     """Stands in for a backend that cannot be loaded; it declares nothing and says why."""
 
@@ -44,8 +39,6 @@ class UnavailableBackend(Backend):
 def load(spec: str) -> Backend:
     """A backend from ``package.module:ClassName`` or a built-in or registered name."""
     known = {**BUILTIN, **{ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}}
-    if spec in PLANNED and spec not in known:
-        return UnavailableBackend(spec, PLANNED[spec])
     target = known.get(spec, spec)
     module_name, sep, class_name = target.partition(":")
     if not sep or not module_name or not class_name:
@@ -63,7 +56,7 @@ def load(spec: str) -> Backend:
 
 
 def discover() -> list[Backend]:
-    """Every built-in, planned and registered backend, in that order."""
-    names = list(BUILTIN) + [name for name in PLANNED if name not in BUILTIN]
+    """Every built-in and registered backend, in that order."""
+    names = list(BUILTIN)
     names += sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in names)
     return [load(name) for name in names]

@@ -28,6 +28,7 @@ from darkspec.reference.shortcut import (
     ShortcutGradients,
     ShortcutParams,
     UpdateParams,
+    gpu_updates_now,
     pjreddie_index_map,
     weight_count,
 )
@@ -70,6 +71,24 @@ FORWARD = {
     "swish": lambda x: x * torch.sigmoid(x),
     "mish": lambda x: x * torch.tanh(torch.logaddexp(x, torch.zeros_like(x))),
 }
+
+
+def _in_double(expression):
+    """pjreddie evaluates some activations in double; so does this, then rounds to the tensor's dtype."""
+    return lambda x: expression(x.double()).to(x.dtype)
+
+
+#: pjreddie's own double-precision expressions (spec/activations.md), whose cancellation near 0 shows in its results.
+PJREDDIE_FORWARD = {
+    **FORWARD,
+    "loggy": _in_double(lambda x: 2 / (1 + torch.exp(-x)) - 1),
+    "tanh": _in_double(lambda x: (torch.exp(2 * x) - 1) / (torch.exp(2 * x) + 1)),
+}
+
+
+def forward_of(name: str, dialect: Dialect):
+    """The activation's forward as the dialect's Darknet computes it."""
+    return (PJREDDIE_FORWARD if dialect == Dialect.PJREDDIE else FORWARD)[name]
 
 
 def _mish_factor(y, x):
@@ -117,10 +136,6 @@ FORWARD_INPLACE = {
     "logistic": torch.sigmoid_,
     "tanh": torch.tanh_,
 }
-
-
-def _out_of_place(name):
-    return lambda x: x.copy_(FORWARD[name](x))
 
 
 #: The GPU kernel divides revleaky's delta by leaky's factor instead of multiplying.
@@ -211,7 +226,7 @@ class DarknetShortcutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, settings, weights, x, *froms):
         pre = settings.pre_activation(weights, x, froms)
-        out = FORWARD[settings.params.activation](pre)
+        out = forward_of(settings.params.activation, settings.dialect)(pre)
         ctx.settings = settings
         ctx.save_for_backward(weights if weights is not None else torch.empty(0), x, pre, out, *froms)
         return out
@@ -325,8 +340,10 @@ class WeightedShortcut(torch.nn.Module):
             raise DarkspecError("x.shape", tuple(x.shape), f"{self.channels} channels", code="bad-shape")
         settings = self.settings()
         if out is not None:
-            return FORWARD_INPLACE.get(self.params.activation, _out_of_place(self.params.activation))(
-                settings.pre_activation(self.weight, x, froms, out))
+            pre = settings.pre_activation(self.weight, x, froms, out)
+            if self.dialect != Dialect.PJREDDIE and self.params.activation in FORWARD_INPLACE:
+                return FORWARD_INPLACE[self.params.activation](pre)
+            return pre.copy_(forward_of(self.params.activation, self.dialect)(pre))
         if self.dialect == Dialect.EXACT:
             return FORWARD[self.params.activation](settings.pre_activation(self.weight, x, froms))
         return DarknetShortcutFunction.apply(settings, self.weight, x, *froms)
@@ -389,8 +406,7 @@ def darknet_update_(weights: torch.Tensor, weight_updates: torch.Tensor, hyper: 
         rate = hyper.learning_rate * hyper.learning_rate_scale
         weight_updates.add_(weights, alpha=-hyper.decay * hyper.batch)
     elif dialect == Dialect.DARKNET_GPU:
-        if (hyper.burnin_update and hyper.burnin_update * hyper.burn_in > hyper.iteration) \
-                or hyper.train_only_bn or hyper.dont_update >= hyper.iteration:
+        if not gpu_updates_now(hyper):
             return
         rate = hyper.learning_rate * hyper.learning_rate_scale / hyper.loss_scale
         weight_updates.copy_(torch.where(torch.isfinite(weight_updates), weight_updates, 0.0))
@@ -462,7 +478,8 @@ class TorchBackend(Backend):
             d = -pre.grad
         else:
             module(*inputs).backward(-delta_t)
-            d = delta_t * settings.activation_factor(FORWARD[params.activation](pre.detach()), pre.detach())
+            out = forward_of(params.activation, module.dialect)(pre.detach())
+            d = delta_t * settings.activation_factor(out, pre.detach())
         updates = None
         if module.weight is not None:
             init = np.zeros_like(weights) if weight_updates is None else np.asarray(weight_updates)

@@ -208,7 +208,7 @@ def run_golden(backend, golden_dirs) -> list[CheckResult]:
         outcome = replay(recording, backend)
         problems: dict[Capability, str | None] = {}
         for comparison in outcome.comparisons:
-            capability = _golden_capability(recording, comparison.name)
+            capability = _golden_capability(backend, recording, comparison.name)
             if capability is not None and not problems.get(capability):
                 problems[capability] = None if comparison.passed else f"{recording.name}: {comparison.describe()}"
         for capability, problem in problems.items():
@@ -216,11 +216,12 @@ def run_golden(backend, golden_dirs) -> list[CheckResult]:
     return list(results.values())
 
 
-def _golden_capability(recording, array_name) -> Capability | None:
+def _golden_capability(backend, recording, array_name) -> Capability | None:
+    """The backend's declared capability (on its own device) that a recorded array checks, if any."""
     op = recording.layer_type
     dialect = REORG_DIALECT if op != "shortcut" else recording_dialect(recording)[0].value
     pass_ = _pass_of(array_name)
-    return Capability(op, dialect, "float32", pass_) if pass_ in PASSES.get(op, ()) else None
+    return backend.declared(op, dialect, "float32", pass_) if pass_ in PASSES.get(op, ()) else None
 
 
 # --- the whole suite --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from darkspec.backends.base import REORG_DIALECT, BackendCrashed, Capability
+from darkspec.backends.base import REORG_DIALECT, BackendCrashed
 from darkspec.backends.reference import ReferenceBackend
 from darkspec.conformance import recordings as rec
 from darkspec.conformance.compare import Comparison, Tolerance, compare, largest_magnitude, tolerance_for
@@ -115,9 +115,10 @@ def replay(recording: rec.Recording, backend=None) -> CaseResult:
         return CaseResult(name, FAIL, detail="Darknet's parser refused the cfg; darkspec accepts it")
     layer = network.layers[-1]
     is_reorg = isinstance(layer.op, ReorgSection)
-    capability = Capability(layer.type, REORG_DIALECT if is_reorg else dialect.value, "float32", "forward")
-    if not backend.supports(capability):
-        return CaseResult(name, SKIP, detail=f"backend {backend.name} does not declare {capability.label()} float32")
+    capability = backend.declared(layer.type, REORG_DIALECT if is_reorg else dialect.value, "float32", "forward")
+    if capability is None:
+        return CaseResult(name, SKIP, detail=f"backend {backend.name} does not declare the float32 forward of "
+                          f"{layer.type} in {REORG_DIALECT if is_reorg else dialect.value}")
     if not is_reorg:
         quirks = exercised_quirks(network, quirks)
         missing = sorted(q.value for q in quirks - backend.quirks())

@@ -302,7 +302,7 @@ def _zeroed_by_quirk(params, quirks) -> bool:
 def _activate(pre, params, dialect, quirks):
     if _zeroed_by_quirk(params, quirks):
         return np.zeros_like(pre)
-    return activations.activate(params.activation, pre)
+    return activations.activate(params.activation, pre, "pjreddie" if dialect == Dialect.PJREDDIE else "alexeyab")
 
 
 def _activation_factor(pre, out, params, dialect, quirks):
@@ -486,8 +486,8 @@ def _normalization_phi(w, normalization):
 # --- update -----------------------------------------------------------------------------------------------------
 
 
-def update(weights, weight_updates, hyper: UpdateParams, dialect: Dialect | str = Dialect.DARKNET_CPU):
-    """One update step: returns (new weights, new weight_updates) (spec/shortcut.md#update)."""
+def check_update_inputs(weights, weight_updates, hyper: UpdateParams, dialect):
+    """The refusals of an update step, for every implementation: returns (weights, weight_updates, dialect)."""
     dialect = parse_dialect(dialect)
     weights = np.asarray(weights)
     weight_updates = np.asarray(weight_updates)
@@ -496,8 +496,21 @@ def update(weights, weight_updates, hyper: UpdateParams, dialect: Dialect | str 
             "weight_updates", f"{weight_updates.dtype}{list(weight_updates.shape)}",
             f"{weights.dtype}{list(weights.shape)}, like weights", code="bad-shape",
         )
+    if weights.dtype not in (np.float32, np.float64):
+        raise DarkspecError("weights.dtype", str(weights.dtype), "float32, float64", code="bad-dtype")
     if hyper.batch < 1:
         raise DarkspecError("batch", hyper.batch, "an integer >= 1", code="bad-batch")
+    if dialect not in (Dialect.DARKNET_CPU, Dialect.DARKNET_GPU, Dialect.EXACT):
+        raise DarkspecError(
+            "dialect", dialect.value, "darknet-cpu, darknet-gpu, exact (the others have no trainable weights)",
+            code="pass-not-in-dialect",
+        )
+    return weights, weight_updates, dialect
+
+
+def update(weights, weight_updates, hyper: UpdateParams, dialect: Dialect | str = Dialect.DARKNET_CPU):
+    """One update step: returns (new weights, new weight_updates) (spec/shortcut.md#update)."""
+    weights, weight_updates, dialect = check_update_inputs(weights, weight_updates, hyper, dialect)
     t = weights.dtype.type
     with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf propagate as Darknet lets them
         return _update(weights, weight_updates, hyper, dialect, t)
@@ -510,7 +523,7 @@ def _update(weights, weight_updates, hyper, dialect, t):
         weights = weights + (rate / t(hyper.batch)) * weight_updates
         return weights, weight_updates * t(hyper.momentum)
     if dialect == Dialect.DARKNET_GPU:
-        if not _gpu_updates_now(hyper):
+        if not gpu_updates_now(hyper):
             return weights.copy(), weight_updates.copy()
         rate = t(hyper.learning_rate) * t(hyper.learning_rate_scale) / t(hyper.loss_scale)
         weight_updates = np.where(np.isfinite(weight_updates), weight_updates, t(0))
@@ -519,13 +532,10 @@ def _update(weights, weight_updates, hyper, dialect, t):
         weight_updates = np.clip(weight_updates, t(-1), t(1))
         weights = weights + (rate / t(hyper.batch)) * weight_updates
         return weights, weight_updates * t(hyper.momentum)
-    raise DarkspecError(
-        "dialect", dialect.value, "darknet-cpu, darknet-gpu, exact (the others have no trainable weights)",
-        code="pass-not-in-dialect",
-    )
+    raise AssertionError(dialect)  # check_update_inputs refused every other dialect
 
 
-def _gpu_updates_now(hyper: UpdateParams) -> bool:
+def gpu_updates_now(hyper: UpdateParams) -> bool:
     """The GPU skips the whole update during burn-in, for train_only_bn, and until dont_update has passed."""
     if hyper.burnin_update and hyper.burnin_update * hyper.burn_in > hyper.iteration:
         return False
