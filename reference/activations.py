@@ -138,6 +138,18 @@ def _lhtan(x):
     return np.select([x < 0, x > 1], [0.001 * x, 0.001 * (x - 1) + 1], x)
 
 
+def _pjreddie_loggy(x):
+    # pjreddie writes 2/(1 + e^-x) - 1 in double: near 0 the subtraction cancels, which its results show.
+    return 2.0 / (1.0 + np.exp(-x)) - 1.0
+
+
+def _pjreddie_tanh(x):
+    # pjreddie writes (e^2x - 1)/(e^2x + 1) in double: it cancels near 0 and is NaN above x ~ 354.9.
+    with np.errstate(over="ignore", invalid="ignore"):
+        e = np.exp(2.0 * x)
+        return (e - 1.0) / (e + 1.0)
+
+
 def _stair(x):
     # Flat on [2k, 2k+1), slope 1 on [2k+1, 2k+2): continuous steps.
     n = np.floor(x)
@@ -327,6 +339,8 @@ _GRADIENTS = {
     # sigmoid(x)). hard_mish: the gradient of [convolutional], which keeps x ([shortcut] keeps nothing: it gives 0).
     "mish": _on_input(_mish_derivative), "hard_mish": _on_input(_hard_mish_derivative),
 }
+#: Where pjreddie's CPU forward is written differently (in double) and its results differ from the formula's.
+_PJREDDIE_FORWARDS = {**_FORWARDS, "loggy": _pjreddie_loggy, "tanh": _pjreddie_tanh}
 #: Where Darknet's GPU backward computes a different factor from its CPU backward.
 _GPU_GRADIENTS = {"revleaky": _revleaky_gpu_gradient}
 
@@ -368,9 +382,11 @@ def _float64(a):
 _NOT_ELEMENTWISE = "it normalizes across channels, so it has no elementwise formula"
 
 
-def activate(name: str, x):
-    """The activation ``name`` of the pre-activation ``x``."""
-    forward = _lookup(_FORWARDS, name, code="activation-not-elementwise", reason=_NOT_ELEMENTWISE)
+def activate(name: str, x, library: str = "alexeyab"):
+    """The activation ``name`` of the pre-activation ``x``, as ``library``'s Darknet computes it: pjreddie's loggy
+    and tanh are its own double-precision expressions, whose cancellation near 0 shows in its results."""
+    table = _PJREDDIE_FORWARDS if library == "pjreddie" else _FORWARDS
+    forward = _lookup(table, name, code="activation-not-elementwise", reason=_NOT_ELEMENTWISE)
     if forward is _linear and np.asarray(x).dtype in (np.float32, np.float64):
         return np.array(x)  # exact in the dtype: no need for the float64 round trip
     x, dtype = _float64(x)

@@ -150,6 +150,18 @@ def test_extreme_inputs_stay_finite():
     assert activate("tanh", 400.0) == 1.0
 
 
+def test_pjreddie_loggy_and_tanh_are_its_own_expressions():
+    tiny = np.float32(1.0747393e-14)
+    e = np.exp(2.0 * np.float64(tiny))
+    assert activate("tanh", tiny, "pjreddie") == np.float32((e - 1) / (e + 1))
+    assert activate("tanh", tiny, "pjreddie") != activate("tanh", tiny)  # the cancellation pjreddie's results show
+    assert activate("loggy", tiny, "pjreddie") == np.float32(2 / (1 + np.exp(-np.float64(tiny))) - 1)
+    assert np.isnan(activate("tanh", np.float32(400.0), "pjreddie"))
+    x = np.linspace(-3, 3, 13, dtype=np.float32)
+    for name in ("loggy", "tanh"):
+        np.testing.assert_allclose(activate(name, x, "pjreddie"), activate(name, x), rtol=1e-6, atol=1e-7)
+
+
 # --- dtypes -------------------------------------------------------------------------------------------------------
 
 
