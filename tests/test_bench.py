@@ -263,7 +263,7 @@ def test_bytes_moved_is_what_the_reference_reads_and_writes(spec):
 
 @pytest.mark.parametrize("spec", OPS, ids=lambda s: s.key)
 def test_the_torch_eager_baseline_matches_the_reference(spec):
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="the eager baseline needs torch (pip install darkspec[torch])")
     shape = (2, 16, 4, 6)
     sets = bench.make_sets(spec, shape, "float64", 2, np.random.default_rng(2))
     got = bench.torch_eager_call(torch, spec, shape, sets)(1)
