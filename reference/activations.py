@@ -382,13 +382,18 @@ def _float64(a):
 _NOT_ELEMENTWISE = "it normalizes across channels, so it has no elementwise formula"
 
 
+#: Forms evaluated in the input's own dtype, as Darknet does: their intermediate rounding shows in the result
+#: (stair's x - floor(x) rounds to 1 just below an odd integer, and the result to 0).
+_IN_OWN_DTYPE = frozenset({"stair"})
+
+
 def activate(name: str, x, library: str = "alexeyab"):
     """The activation ``name`` of the pre-activation ``x``, as ``library``'s Darknet computes it: pjreddie's loggy
     and tanh are its own double-precision expressions, whose cancellation near 0 shows in its results."""
     table = _PJREDDIE_FORWARDS if library == "pjreddie" else _FORWARDS
     forward = _lookup(table, name, code="activation-not-elementwise", reason=_NOT_ELEMENTWISE)
-    if forward is _linear and np.asarray(x).dtype in (np.float32, np.float64):
-        return np.array(x)  # exact in the dtype: no need for the float64 round trip
+    if (forward is _linear or name in _IN_OWN_DTYPE) and np.asarray(x).dtype in (np.float32, np.float64):
+        return forward(np.array(x))
     x, dtype = _float64(x)
     return forward(x).astype(dtype)
 

@@ -162,6 +162,13 @@ def test_pjreddie_loggy_and_tanh_are_its_own_expressions():
         np.testing.assert_allclose(activate(name, x, "pjreddie"), activate(name, x), rtol=1e-6, atol=1e-7)
 
 
+def test_stair_rounds_as_darknet_does():
+    """Found live against pjreddie's Darknet: x - floor(x) is rounded in float32 before floor(x/2) is added."""
+    x = np.array([-2.1494786e-14, -2.5, 0.75, 3.25], np.float32)
+    assert activate("stair", x).tolist() == [0.0, -1.5, 0.0, 1.25]
+    assert activate("stair", x.astype(np.float64))[0] != 0  # in double, 1 - 2.1e-14 is not rounded to 1
+
+
 # --- dtypes -------------------------------------------------------------------------------------------------------
 
 
@@ -174,6 +181,8 @@ def test_float32_is_float64_rounded_once(x):
             "derivative": (derivative(name, x), derivative(name, x.astype(np.float64))),
             "darknet_gradient": (darknet_gradient(name, y, x), darknet_gradient(name, y.astype(np.float64), x)),
         }
+        if name == "stair":  # evaluated in the input's dtype, as Darknet does (test_stair_rounds_as_darknet_does)
+            del results["activate"]
         for function, (single, double) in results.items():
             assert single.dtype == np.float32 and double.dtype == np.float64
             assert single.shape == x.shape

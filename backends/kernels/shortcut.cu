@@ -69,6 +69,12 @@ __device__ __forceinline__ double ds_sech(double v) {  // 2 / (e^v + e^-v) = 2 e
 
 // --- activations (double in, double out; the caller rounds once) ------------------------------------------------
 
+// stair as Darknet writes it, in the tensor's type: x - floor(x) is rounded there, which shows near integers.
+template <typename T> __device__ __forceinline__ T ds_stair(T x) {
+    T n = floor(x), half = floor(x / 2);
+    return fmod((double)n, 2.0) == 0 ? half : (T)(x - n) + half;
+}
+
 __device__ __noinline__ double ds_activate(int act, double x) {
     switch (act) {
     case DS_LINEAR: return x;
@@ -92,10 +98,7 @@ __device__ __noinline__ double ds_activate(int act, double x) {
     case DS_PLSE: return x < -4 ? 0.01 * (x + 4) : (x > 4 ? 0.01 * (x - 4) + 1 : 0.125 * x + 0.5);
     case DS_HARDTAN: return x < -1 ? -1.0 : (x > 1 ? 1.0 : x);
     case DS_LHTAN: return x < 0 ? 0.001 * x : (x > 1 ? 0.001 * (x - 1) + 1 : x);
-    case DS_STAIR: {
-        double n = floor(x), half = floor(x / 2);
-        return fmod(n, 2.0) == 0 ? half : (x - n) + half;
-    }
+    case DS_STAIR: return ds_stair<double>(x);
     case DS_SWISH: return x * ds_sigmoid(x);
     case DS_MISH: return x * tanh(ds_logaddexp0(x));
     case DS_HARD_MISH: return x > 0 ? x : (x > -2 ? x * x / 2 + x : 0.0);
@@ -183,6 +186,7 @@ __device__ __noinline__ double ds_factor_value(int act, int grad, double y, doub
 // linear, the common case of a fusion layer, stays inline.
 template <typename T> __device__ __forceinline__ T ds_forward_value(int act, int zero, T pre) {
     if (zero) return T(0);
+    if (act == DS_STAIR) return ds_stair<T>(pre);
     return act == DS_LINEAR ? pre : (T)ds_activate(act, (double)pre);
 }
 
