@@ -246,9 +246,9 @@ class _Shortcut:
 def _shortcut_settings(x, froms, weights, params, dialect, quirks, from_input_shapes) -> _Shortcut:
     """The reference's checks, then what the kernels need."""
     dialect = parse_dialect(dialect)
-    quirks = shortcut._cpu_quirks(parse_quirks(quirks), dialect)
-    x, froms, weights = shortcut._check_inputs(x, froms, weights, params, dialect)
-    shortcut._check_activation(params, dialect, quirks)
+    quirks = shortcut.cpu_quirks(parse_quirks(quirks), dialect)
+    x, froms, weights = shortcut.check_inputs(x, froms, weights, params, dialect)
+    shortcut.check_activation(params, dialect, quirks)
     if len(froms) + 1 > MAX_INPUTS:
         raise DarkspecError("from", f"{len(froms)} layers", f"at most {MAX_INPUTS - 1} from layers in the cupy backend",
                             code="cupy-too-many-inputs")
@@ -272,7 +272,7 @@ def _backward_settings(x, froms, weights, delta, params, dialect, quirks, from_i
         )
     # The reference's own refusals of the activation gradient (names whose backward aborts).
     empty = np.zeros(0, op.dtype)
-    shortcut._activation_factor(empty, empty, op.params, op.dialect, op.quirks)
+    shortcut.activation_factor(empty, empty, op.params, op.dialect, op.quirks)
     return op, delta
 
 
@@ -462,7 +462,7 @@ class CupyBackend(Backend):
 
     def _pjreddie(self, op: _Shortcut, delta):
         """pjreddie's two-input shortcut: forward (delta None) or backward."""
-        shortcut._pjreddie_check(op.froms, op.weights)
+        shortcut.check_pjreddie(op.froms, op.weights)
         source = op.froms[0]
         shortcut.pjreddie_index_map(source.shape, op.x.shape)  # refuses unequal height and width ratios
         run = self._run()
@@ -517,13 +517,13 @@ class CupyBackend(Backend):
 
     def reorg_forward(self, x, stride, reverse, old):
         x = np.asarray(x)
-        plan = reorg._plan(reorg.REORG_OLD if old else reorg.REORG3D, x.shape, stride, reverse)
+        plan = reorg.plan(reorg.REORG_OLD if old else reorg.REORG3D, x.shape, stride, reverse)
         return self._reorg(plan, x, backward=False)
 
     def reorg_backward(self, delta, stride, reverse, old, previous_delta):
         # Darknet overwrites the previous layer's delta: its old value does not matter.
         delta = np.asarray(delta)
-        plan = reorg._plan_from_output(reorg.REORG_OLD if old else reorg.REORG3D, delta.shape, stride, reverse)
+        plan = reorg.plan_from_output(reorg.REORG_OLD if old else reorg.REORG3D, delta.shape, stride, reverse)
         return self._reorg(plan, delta, backward=True)
 
     def _reorg(self, plan, array: np.ndarray, backward: bool) -> np.ndarray:

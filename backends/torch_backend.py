@@ -142,7 +142,7 @@ FORWARD_INPLACE = {
 GPU_DARKNET_FACTOR = {**DARKNET_FACTOR, "revleaky": _step(lambda y: y > 0, 1.0, 10.0)}
 
 
-def _check_activation(name: str, dialect: Dialect):
+def check_activation(name: str, dialect: Dialect):
     names = PJREDDIE_NAMES if dialect == Dialect.PJREDDIE else ALEXEYAB_NAMES
     if name not in names or name in SHORTCUT_UNEVALUATED:
         evaluated = [n for n in names if n not in SHORTCUT_UNEVALUATED]
@@ -324,7 +324,7 @@ class WeightedShortcut(torch.nn.Module):
         super().__init__()
         self.params = ShortcutParams(weights_type, weights_normalization, activation, alpha, beta)
         self.dialect = parse_dialect(dialect)
-        _check_activation(activation, self.dialect)
+        check_activation(activation, self.dialect)
         self.n_from, self.channels = n_from, channels
         count = weight_count(self.params.weights_type, n_from, channels)
         self.weight = torch.nn.Parameter(torch.ones(count)) if count else None

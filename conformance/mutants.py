@@ -163,7 +163,7 @@ MUTANTS = (
     Mutant("pixel-unshuffle-order", "[reorg3d] in pixel_unshuffle's channel order",
            wraps=(("reorg_forward", _pixel_unshuffle_order),)),
     Mutant("missing-activation-gradient", "the activation's gradient left out of backward",
-           patches=((shortcut, "_activation_factor", _no_activation_gradient),)),
+           patches=((shortcut, "activation_factor", _no_activation_gradient),)),
     Mutant("reorg-backward-adds", "reorg backward adding into a delta Darknet overwrites",
            wraps=(("reorg_backward", _reorg_backward_accumulates),)),
     Mutant("sigmoid-normalization", "weights normalized with a sigmoid",

@@ -3,7 +3,7 @@
 Both layers are pure permutations of their input: no value is computed, only moved, so the reference is exact for
 every dtype. Everything here goes through one index rule, :func:`_reorg_cpu`, which is Darknet's ``reorg_cpu``
 primitive written as an index array; the two section names and both directions differ only in which dimensions
-they hand to it and in which direction they use it (:func:`_plan`), exactly as Darknet's layer functions do.
+they hand to it and in which direction they use it (:func:`plan`), exactly as Darknet's layer functions do.
 
 Darknet's ``reorg_cpu(x, w, h, c, batch, s, forward, out)`` treats ``(c, h, w)`` as a *small* tensor ``Sm`` and
 ``(c / s**2, h * s, w * s)`` as a *large* tensor ``Lg``, with
@@ -105,7 +105,7 @@ def _reorg_cpu(x: np.ndarray, out_w: int, out_h: int, out_c: int, batch: int, st
 
 
 @dataclass(frozen=True)
-class _Plan:
+class Plan:
     """One layer's use of reorg_cpu: the dims it passes, and the flag its forward uses (backward: the other)."""
 
     in_shape: tuple[int, int, int, int]
@@ -158,7 +158,7 @@ def _check_shape(shape, name: str) -> tuple[int, int, int, int]:
     return dims
 
 
-def _plan(variant: str, shape, stride, reverse, name: str = "x.shape") -> _Plan:
+def plan(variant: str, shape, stride, reverse, name: str = "x.shape") -> Plan:
     b, c, h, w = _check_shape(shape, name)
     s = _check_stride(stride)
     rev = _check_reverse(reverse)
@@ -228,10 +228,10 @@ def _plan(variant: str, shape, stride, reverse, name: str = "x.shape") -> _Plan:
         dims = (out_shape[3], out_shape[2], out_shape[1])
     else:
         dims = (w, h, c)
-    return _Plan(in_shape=(b, c, h, w), out_shape=out_shape, stride=s, dims=dims, forward_flag=rev)
+    return Plan(in_shape=(b, c, h, w), out_shape=out_shape, stride=s, dims=dims, forward_flag=rev)
 
 
-def _plan_from_output(variant: str, out_shape, stride, reverse) -> _Plan:
+def plan_from_output(variant: str, out_shape, stride, reverse) -> Plan:
     """The plan of the layer whose *output* has ``out_shape`` (the backward knows only its delta)."""
     b, c, h, w = _check_shape(out_shape, "delta.shape")
     s = _check_stride(stride)
@@ -253,17 +253,17 @@ def _plan_from_output(variant: str, out_shape, stride, reverse) -> _Plan:
                 code=CODE_DELTA_SHAPE,
             )
         in_shape = (b, c * ss, h // s, w // s)
-    return _plan(variant, in_shape, s, rev, name="input shape")
+    return plan(variant, in_shape, s, rev, name="input shape")
 
 
 def _forward(variant: str, x, stride, reverse) -> np.ndarray:
     x = np.asarray(x)
-    return _plan(variant, x.shape, stride, reverse).run(x, backward=False)
+    return plan(variant, x.shape, stride, reverse).run(x, backward=False)
 
 
 def _backward(variant: str, delta, stride, reverse) -> np.ndarray:
     delta = np.asarray(delta)
-    return _plan_from_output(variant, delta.shape, stride, reverse).run(delta, backward=True)
+    return plan_from_output(variant, delta.shape, stride, reverse).run(delta, backward=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -275,25 +275,25 @@ def forward_gather_index(old: bool, shape, stride, reverse=False) -> np.ndarray:
     backends that move data with an index (the same index rule, applied to the flat positions)."""
     variant = REORG_OLD if old else REORG3D
     size = int(np.prod(shape))
-    return _plan(variant, shape, stride, reverse).run(np.arange(size, dtype=np.intp), backward=False).reshape(-1)
+    return plan(variant, shape, stride, reverse).run(np.arange(size, dtype=np.intp), backward=False).reshape(-1)
 
 
 def backward_gather_index(old: bool, out_shape, stride, reverse=False) -> np.ndarray:
     """``g`` with ``backward(delta).reshape(-1) == delta.reshape(-1)[g]`` for a delta of ``out_shape``."""
     variant = REORG_OLD if old else REORG3D
     size = int(np.prod(out_shape))
-    plan = _plan_from_output(variant, out_shape, stride, reverse)
-    return plan.run(np.arange(size, dtype=np.intp), backward=True).reshape(-1)
+    backward = plan_from_output(variant, out_shape, stride, reverse)
+    return backward.run(np.arange(size, dtype=np.intp), backward=True).reshape(-1)
 
 
 def reorg3d_output_shape(shape, stride, reverse=False) -> tuple[int, int, int, int]:
     """NCHW output shape of [reorg3d] on an NCHW input ``shape``; raises DarkspecError where darkspec refuses."""
-    return _plan(REORG3D, shape, stride, reverse, name="shape").out_shape
+    return plan(REORG3D, shape, stride, reverse, name="shape").out_shape
 
 
 def reorg_old_output_shape(shape, stride, reverse=False) -> tuple[int, int, int, int]:
     """NCHW output shape of the old [reorg] on an NCHW input ``shape``; raises DarkspecError where darkspec refuses."""
-    return _plan(REORG_OLD, shape, stride, reverse, name="shape").out_shape
+    return plan(REORG_OLD, shape, stride, reverse, name="shape").out_shape
 
 
 def reorg3d_forward(x, stride, reverse=False) -> np.ndarray:

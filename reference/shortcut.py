@@ -159,7 +159,9 @@ def fold_weights(weights: np.ndarray, params: ShortcutParams, n_from: int) -> np
 # --- checks shared by every pass ------------------------------------------------------------------------------
 
 
-def _check_inputs(x, froms, weights, params: ShortcutParams, dialect: Dialect):
+def check_inputs(x, froms, weights, params: ShortcutParams, dialect: Dialect):
+    """The refusals of the inputs (spec/shortcut.md#errors), shared by every implementation so that each refuses with
+    the same code; returns (x, froms, weights) as arrays, weights None without weights."""
     x = np.asarray(x)
     froms = [np.asarray(f) for f in froms]
     if x.ndim != 4:
@@ -206,7 +208,8 @@ def _check_inputs(x, froms, weights, params: ShortcutParams, dialect: Dialect):
     return x, froms, weights
 
 
-def _check_activation(params: ShortcutParams, dialect: Dialect, quirks) -> None:
+def check_activation(params: ShortcutParams, dialect: Dialect, quirks) -> None:
+    """Refuse an activation the dialect's Darknet lacks, or one [shortcut] does not evaluate (unless a quirk asks)."""
     library = "pjreddie" if dialect == Dialect.PJREDDIE else "alexeyab"
     activations.check_name(params.activation, library)
     if params.activation in activations.SHORTCUT_UNEVALUATED and Quirk.SHORTCUT_UNEVALUATED_ACTIVATIONS not in quirks:
@@ -287,7 +290,7 @@ def _fastpath_sum(x, add):
     return out.reshape(x.shape)
 
 
-def _cpu_quirks(quirks, dialect):
+def cpu_quirks(quirks, dialect):
     """The quirks of Darknet's CPU code do not exist on its GPU path."""
     cpu_only = {Quirk.CPU_FASTPATH_INPUT_DIMS, Quirk.CPU_RELU6_ZERO}
     return quirks - cpu_only if parse_dialect(dialect) == Dialect.DARKNET_GPU else quirks
@@ -305,7 +308,7 @@ def _activate(pre, params, dialect, quirks):
     return activations.activate(params.activation, pre, "pjreddie" if dialect == Dialect.PJREDDIE else "alexeyab")
 
 
-def _activation_factor(pre, out, params, dialect, quirks):
+def activation_factor(pre, out, params, dialect, quirks):
     name = params.activation
     if dialect == Dialect.EXACT:
         # the derivative of what the forward computed: 0 where a quirk made the forward 0
@@ -339,9 +342,9 @@ def forward(
     ``from_input_shapes`` (the from layers' own *input* C, H, W) matters only under the quirk
     cpu-fastpath-input-dims.
     """
-    dialect, quirks = parse_dialect(dialect), _cpu_quirks(parse_quirks(quirks), dialect)
-    x, froms, weights = _check_inputs(x, froms, weights, params, dialect)
-    _check_activation(params, dialect, quirks)
+    dialect, quirks = parse_dialect(dialect), cpu_quirks(parse_quirks(quirks), dialect)
+    x, froms, weights = check_inputs(x, froms, weights, params, dialect)
+    check_activation(params, dialect, quirks)
     if dialect == Dialect.PJREDDIE:
         return _activate(_pjreddie_sum(x, froms, weights, params), params, dialect, quirks)
     what = _normalized(weights, params, len(froms), dialect)
@@ -368,14 +371,14 @@ def backward(
     ``delta`` is the delta arriving at the layer's output; ``weight_updates`` the accumulator before backward
     (zeros if not given). The forward is recomputed from the inputs, so no state is carried between passes.
     """
-    dialect, quirks = parse_dialect(dialect), _cpu_quirks(parse_quirks(quirks), dialect)
+    dialect, quirks = parse_dialect(dialect), cpu_quirks(parse_quirks(quirks), dialect)
     if dialect == Dialect.DARKNET_INFERENCE:
         raise DarkspecError(
             "dialect", dialect.value, "a training dialect for backward (darknet-inference is forward only)",
             code="pass-not-in-dialect",
         )
-    x, froms, weights = _check_inputs(x, froms, weights, params, dialect)
-    _check_activation(params, dialect, quirks)
+    x, froms, weights = check_inputs(x, froms, weights, params, dialect)
+    check_activation(params, dialect, quirks)
     delta = np.asarray(delta)
     if delta.shape != x.shape or delta.dtype != x.dtype:
         raise DarkspecError(
@@ -387,7 +390,7 @@ def backward(
     what = _normalized(weights, params, len(froms), dialect)
     pre = _weighted_sum(x, froms, what, quirks, from_input_shapes)
     out = _activate(pre, params, dialect, quirks)
-    d = delta * _activation_factor(pre, out, params, dialect, quirks)
+    d = delta * activation_factor(pre, out, params, dialect, quirks)
 
     inputs = [x, *froms]
     input_deltas = [_input_delta(d, inputs[slot], what, slot) for slot in range(len(inputs))]
@@ -567,7 +570,8 @@ def pjreddie_index_map(source_shape, dest_shape):
     return source, dest
 
 
-def _pjreddie_check(froms, weights):
+def check_pjreddie(froms, weights):
+    """pjreddie's shortcut takes exactly one from layer and no weights."""
     if len(froms) != 1:
         raise DarkspecError("from", f"{len(froms)} layers", "exactly one layer in the pjreddie dialect",
                             code="pjreddie-single-from")
@@ -577,7 +581,7 @@ def _pjreddie_check(froms, weights):
 
 def _pjreddie_sum(x, froms, weights, params):
     """out = x, then out[dest] = alpha * out[dest] + beta * from[source] where the two meet."""
-    _pjreddie_check(froms, weights)
+    check_pjreddie(froms, weights)
     t = x.dtype.type
     source, dest = pjreddie_index_map(froms[0].shape, x.shape)
     out = x.copy()
@@ -590,7 +594,7 @@ def _pjreddie_backward(x, froms, delta, params, quirks):
     layer gets beta * delta where the two met."""
     pre = _pjreddie_sum(x, froms, None, params)
     out = _activate(pre, params, Dialect.PJREDDIE, quirks)
-    d = delta * _activation_factor(pre, out, params, Dialect.PJREDDIE, quirks)
+    d = delta * activation_factor(pre, out, params, Dialect.PJREDDIE, quirks)
     t = x.dtype.type
     source, dest = pjreddie_index_map(froms[0].shape, x.shape)
     from_delta = np.zeros_like(froms[0])
