@@ -193,11 +193,15 @@ def test_pjreddie_shortcut_matches_the_reference(pjreddie, case):
 @FEW
 @given(case=strategies.reorg_cases(old=True, dtype=np.float32))
 def test_the_old_reorg_matches_the_reference_bit_for_bit(darknet, case):
-    forward = darknet.reorg_forward(case.x, case.stride, case.reverse, old=True)
-    assert compare("output", REFERENCE.reorg_forward(case.x, case.stride, case.reverse, old=True), forward,
+    _expect_reorg_bit_exact(darknet, case, old=True)
+
+
+def _expect_reorg_bit_exact(backend, case, old):
+    forward = backend.reorg_forward(case.x, case.stride, case.reverse, old=old)
+    assert compare("output", REFERENCE.reorg_forward(case.x, case.stride, case.reverse, old=old), forward,
                    Tolerance.exact()).passed
-    args = (case.delta, case.stride, case.reverse, True, case.previous_delta)
-    assert compare("dx", REFERENCE.reorg_backward(*args), darknet.reorg_backward(*args), Tolerance.exact()).passed
+    args = (case.delta, case.stride, case.reverse, old, case.previous_delta)
+    assert compare("dx", REFERENCE.reorg_backward(*args), backend.reorg_backward(*args), Tolerance.exact()).passed
 
 
 NET = "[net]\nbatch=2\nsubdivisions=1\nwidth=4\nheight=4\nchannels=2\n"
@@ -360,8 +364,4 @@ def test_alexeyab_cpu_update_matches_the_reference(alexeyab, case):
 @FEW
 @given(case=strategies.reorg_cases(old=False, dtype=np.float32))
 def test_alexeyab_reorg3d_matches_the_reference_bit_for_bit(alexeyab, case):
-    forward = alexeyab.reorg_forward(case.x, case.stride, case.reverse, old=False)
-    assert compare("output", REFERENCE.reorg_forward(case.x, case.stride, case.reverse, old=False), forward,
-                   Tolerance.exact()).passed
-    args = (case.delta, case.stride, case.reverse, False, case.previous_delta)
-    assert compare("dx", REFERENCE.reorg_backward(*args), alexeyab.reorg_backward(*args), Tolerance.exact()).passed
+    _expect_reorg_bit_exact(alexeyab, case, old=False)
