@@ -28,6 +28,5 @@ def tests(session):
 def bench(session):
     """The throughput matrix of every available backend (reports/bench.json, reports/bench.png). ``nox -s bench --
     --quick`` is the one-minute smoke run; ``-- --compare OLD.json`` flags regressions beyond the measured spread."""
-    # Editable, like the tests: from the repository root "python -m" would otherwise import the darkspec/ folder.
-    session.install(*CONSTRAINTS, "-e", ".[torch]")
+    session.install(*CONSTRAINTS, ".[torch]")
     session.run("python", "-m", "darkspec.conformance.bench", *session.posargs)

@@ -42,7 +42,7 @@ from darkspec.reference.shortcut import (
     weights_per_input,
 )
 
-#: The kernel sources, in ``darkspec/backends/kernels/`` (package data).
+#: The kernel sources, in ``backends/kernels/`` (package data).
 KERNEL_FILES = ("shortcut.cu", "reorg.cu")
 #: NVRTC options (CuPy adds the architecture). --fmad=false: no product is fused into the addition after it, so the
 #: device rounds every product and sum as the reference does.

@@ -35,8 +35,7 @@ ENV_LIBRARY = "DARKSPEC_DARKNET_LIB"
 ENV_HEADER = "DARKSPEC_DARKNET_HEADER"
 #: Debian's package `darknet` (pjreddie's 2018 Darknet) installs the library and its header here.
 DEBIAN_LIBRARY = Path("/usr/lib/darknet/libdarknet.so")
-#: Run by its path: it needs only the standard library and NumPy, and the caller's folder (which may hold a source
-#: tree's darkspec/) stays off its sys.path.
+#: Run by its path: it needs only the standard library and NumPy, and the caller's folder stays off its sys.path.
 WORKER = Path(__file__).with_name("darknet_worker.py")
 #: Seconds a case may take before it counts as hung (it is then ended with SIGALRM).
 TIMEOUT_S = 120

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     _add_golden_options(mutants)
     mutants.set_defaults(run=_mutants)
 
-    bench = commands.add_parser("bench", help="the throughput matrix: GB/s and % of the memory-copy bandwidth per "
+    bench = commands.add_parser("bench", help="the throughput matrix: GB/s and %% of the memory-copy bandwidth per "
                                 "backend and op, and the ratio to eager PyTorch")
     from darkspec.conformance.bench import add_arguments
 
