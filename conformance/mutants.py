@@ -175,9 +175,9 @@ MUTANTS = (
 )
 
 
-def hunt(mutant: Mutant, profile: str = "ci", golden_dirs=()) -> BackendReport:
+def hunt(mutant: Mutant, profile: str = "ci", golden=()) -> BackendReport:
     """Run the suite on one mutant until the first check fails."""
-    return run_suite(MutantBackend(mutant), profile, golden_dirs, stop_at_first_failure=True)
+    return run_suite(MutantBackend(mutant), profile, golden, stop_at_first_failure=True)
 
 
 def killer(report: BackendReport) -> str | None:

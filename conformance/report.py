@@ -13,9 +13,10 @@ from tabulate import tabulate
 
 import darkspec
 from darkspec.conformance.suite import PROFILES, BackendReport, all_capabilities
+from darkspec.errors import DarkspecError
 from darkspec.provenance import git_revision
 
-PASS, FAIL, UNSUPPORTED, UNAVAILABLE = "pass", "FAIL", "unsupported", "unavailable"
+PASS, FAIL, UNSUPPORTED, UNAVAILABLE, ERROR = "pass", "FAIL", "unsupported", "unavailable", "ERROR"
 
 
 def _columns():
@@ -24,7 +25,10 @@ def _columns():
 
 
 def cell(report: BackendReport, label: str) -> str:
-    """One matrix cell: pass (checks run), FAIL (failed/run), unsupported, or unavailable."""
+    """One matrix cell: pass (checks run), FAIL (failed/run), unsupported, unavailable, or ERROR (the backend broke
+    the protocol before any check could run)."""
+    if report.error:
+        return ERROR
     if report.unavailable:
         return UNAVAILABLE
     results = [r for r in report.results if r.capability.label() == label]
@@ -35,10 +39,12 @@ def cell(report: BackendReport, label: str) -> str:
     return f"{FAIL} {failures}/{examples}" if failures else f"{PASS} ({examples})"
 
 
-def table(reports: list[BackendReport]) -> str:
+def table(reports: list[BackendReport], golden_problems=()) -> str:
     rows = [[label, *(cell(r, label) for r in reports)] for label in _columns()]
     text = tabulate(rows, headers=["op/dialect/pass", *(r.backend.name for r in reports)])
-    notes = [f"{r.backend.name}: unavailable: {r.unavailable}" for r in reports if r.unavailable]
+    notes = [f"golden: {problem}" for problem in golden_problems]
+    notes += [f"{r.backend.name}: unavailable: {r.unavailable}" for r in reports if r.unavailable]
+    notes += [f"{r.backend.name}: ERROR: {r.error}" for r in reports if r.error]
     for report in reports:
         for result in report.results:
             if not result.passed:
@@ -48,7 +54,7 @@ def table(reports: list[BackendReport]) -> str:
     return "\n".join([text, *notes])
 
 
-def json_report(reports: list[BackendReport], profile: str) -> dict:
+def json_report(reports: list[BackendReport], profile: str, golden_problems=()) -> dict:
     return {
         "suite": "darkspec",
         "suite_version": darkspec.__version__,
@@ -57,13 +63,15 @@ def json_report(reports: list[BackendReport], profile: str) -> dict:
         "profile": {"name": profile, "examples_per_property": PROFILES[profile]},
         "platform": {"python": platform.python_version(), "machine": platform.machine(),
                      "system": platform.platform(), "numpy": np.__version__},
+        "golden_problems": list(golden_problems),
         "backends": [
             {
                 "name": r.backend.name,
                 "available": not r.unavailable,
                 "reason": r.unavailable,
-                "version": None if r.unavailable else r.backend.version(),
-                "declared": [] if r.unavailable else [
+                "error": r.error,
+                "version": None if r.unavailable or r.error else r.backend.version(),
+                "declared": [] if r.unavailable or r.error else [
                     {"op": c.op, "dialect": c.dialect, "dtype": c.dtype, "pass": c.pass_, "device": c.device}
                     for c in sorted(r.backend.capabilities())],
                 "matrix": {label: cell(r, label) for label in _columns()},
@@ -87,6 +95,10 @@ def junit_xml(reports: list[BackendReport]) -> str:
             case = ET.SubElement(suite, "testcase", classname=report.backend.name, name="availability")
             ET.SubElement(case, "skipped", message=f"unavailable: {report.unavailable}")
             cases += 1
+        if report.error:
+            case = ET.SubElement(suite, "testcase", classname=report.backend.name, name="protocol")
+            ET.SubElement(case, "error", message=report.error)
+            cases += 1
         for result in report.results:
             c = result.capability
             case = ET.SubElement(suite, "testcase", classname=f"{report.backend.name}.{c.op}.{c.dialect}",
@@ -98,13 +110,27 @@ def junit_xml(reports: list[BackendReport]) -> str:
         failures = sum(not r.passed for r in report.results)
         suite.set("tests", str(cases))
         suite.set("failures", str(failures))
+        suite.set("errors", "1" if report.error else "0")
         suite.set("skipped", "1" if report.unavailable else "0")
     return ET.tostring(suites, encoding="unicode")
 
 
-def write_reports(reports: list[BackendReport], profile: str, directory: Path) -> tuple[Path, Path]:
+def check_writable(directory: Path) -> None:
+    """Before a run: the report folder can be created and written, else a DarkspecError naming it."""
+    probe = Path(directory) / ".darkspec-write-check"
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise DarkspecError("--report-dir", str(directory), "a folder this user can create and write",
+                            code="report-dir-unwritable", reason=f"{type(error).__name__}: {error.strerror}") from None
+
+
+def write_reports(reports: list[BackendReport], profile: str, directory: Path,
+                  golden_problems=()) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     json_path, xml_path = directory / "conformance.json", directory / "conformance.xml"
-    json_path.write_text(json.dumps(json_report(reports, profile), indent=1) + "\n")
+    json_path.write_text(json.dumps(json_report(reports, profile, golden_problems), indent=1) + "\n")
     xml_path.write_text(junit_xml(reports) + "\n")
     return json_path, xml_path

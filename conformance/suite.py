@@ -23,7 +23,9 @@ from darkspec.backends.reference import ReferenceBackend
 from darkspec.conformance import recordings as rec
 from darkspec.conformance import strategies
 from darkspec.conformance.compare import Tolerance, compare, largest_magnitude, tolerance_for
-from darkspec.conformance.vectors import PASS_OF_CRASH, recording_dialect, replay
+from darkspec.conformance.guard import BackendFault, GuardedBackend
+from darkspec.conformance.vectors import FAIL, PASS_OF_CRASH, recording_dialect, replay
+from darkspec.errors import DarkspecError
 from darkspec.reference import activations
 from darkspec.reference.dialects import Dialect
 
@@ -62,10 +64,38 @@ class BackendReport:
     backend: Backend
     unavailable: str | None = None
     results: list[CheckResult] = field(default_factory=list)
+    #: What failed the backend as a whole: its ``availability()`` or ``capabilities()`` broke the protocol.
+    error: str | None = None
 
     @property
     def failed(self) -> bool:
-        return any(not r.passed for r in self.results)
+        return self.error is not None or any(not r.passed for r in self.results)
+
+
+@dataclass
+class Golden:
+    """The golden cases of a run, each recording loaded and checked on its own: those that replay, and one line
+    per file that cannot (the file and what is wrong), which fails the run while the rest still replay."""
+
+    recordings: list[rec.Recording] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def load_golden(golden_dirs) -> Golden:
+    golden = Golden()
+    for folder in map(Path, golden_dirs):
+        if not folder.is_dir():
+            golden.problems.append(f"{folder}: no such golden folder")
+            continue
+        for path in rec.recording_paths(folder):
+            try:
+                recording = rec.load_recording(path)
+                recording_dialect(recording)
+            except rec.RecordingError as error:
+                golden.problems.append(str(error))
+                continue
+            golden.recordings.append(recording)
+    return golden
 
 
 # --- property checks -------------------------------------------------------------------------------------------
@@ -182,7 +212,9 @@ def run_property(backend, capability: Capability, examples: int) -> CheckResult:
     def run(case):
         try:
             problem = check(case)
-        except Exception as error:  # a backend that raises fails the check, with what it raised
+        except BackendFault as fault:
+            problem = str(fault)
+        except Exception as error:  # a refusal where the reference computes, or the backend's own crash class
             problem = f"raised {type(error).__name__}: {error}"
         result.add(problem)
 
@@ -201,16 +233,21 @@ def _pass_of(array_name: str) -> str:
     return "update" if array_name in _UPDATE_ARRAYS else "backward"
 
 
-def run_golden(backend, golden_dirs) -> list[CheckResult]:
-    """Replay every golden case; a case counts once towards the capability of each pass it compares."""
+def run_golden(backend, recordings) -> list[CheckResult]:
+    """Replay every golden case; a case counts once towards the capability of each pass it compares. A case that
+    fails without a comparison (the backend raised, or returned no array) counts against its forward."""
     results: dict[Capability, CheckResult] = {}
-    for recording in rec.iter_recordings(*golden_dirs):
+    for recording in recordings:
         outcome = replay(recording, backend)
         problems: dict[Capability, str | None] = {}
         for comparison in outcome.comparisons:
             capability = _golden_capability(backend, recording, comparison.name)
             if capability is not None and not problems.get(capability):
                 problems[capability] = None if comparison.passed else f"{recording.name}: {comparison.describe()}"
+        if outcome.verdict == FAIL and not any(problems.values()):
+            capability = _golden_capability(backend, recording, "output")
+            if capability is not None:
+                problems[capability] = f"{recording.name}: {outcome.detail}"
         for capability, problem in problems.items():
             results.setdefault(capability, CheckResult(capability, "golden")).add(problem)
     return list(results.values())
@@ -232,18 +269,27 @@ def all_capabilities() -> list[Capability]:
     return sorted(REFERENCE.capabilities())
 
 
-def run_suite(backend: Backend, profile: str = "ci", golden_dirs=(), stop_at_first_failure=False) -> BackendReport:
+def run_suite(backend: Backend, profile: str = "ci", golden=(), stop_at_first_failure=False) -> BackendReport:
+    """Every check of every capability the backend declares. ``golden`` is a loaded :class:`Golden` or the golden
+    folders to load. Whatever the backend does, the result is a report (the backend stands behind a guard)."""
+    backend = backend if isinstance(backend, GuardedBackend) else GuardedBackend(backend)
     report = BackendReport(backend)
     try:
         report.unavailable = backend.availability()
-    except Exception as error:
-        report.unavailable = f"availability check raised {type(error).__name__}: {error}"
-    if report.unavailable:
+        if report.unavailable:
+            return report
+        declared = sorted(backend.capabilities())
+        backend.quirks()
+    except BackendFault as fault:
+        report.error = str(fault)
         return report
-    declared = sorted(backend.capabilities())
-    golden = [Path(d) for d in golden_dirs if Path(d).exists()]
-    if golden:
-        report.results += [r for r in run_golden(backend, golden) if r.capability in declared]
+    if not isinstance(golden, Golden):
+        folders, golden = [str(d) for d in golden], load_golden(golden)
+        if golden.problems:
+            raise DarkspecError("golden", folders, "folders of readable recordings", code="bad-golden",
+                                reason="; ".join(golden.problems))
+    if golden.recordings:
+        report.results += [r for r in run_golden(backend, golden.recordings) if r.capability in declared]
         if stop_at_first_failure and report.failed:
             return report
     for capability in declared:

@@ -27,26 +27,38 @@ def _vectors(args) -> int:
 
 
 def _conformance(args) -> int:
-    from darkspec.backends.registry import discover, load
-    from darkspec.conformance.report import table, write_reports
-    from darkspec.conformance.suite import run_suite
+    from darkspec.backends.registry import UnavailableBackend, discover, load
+    from darkspec.conformance.report import check_writable, table, write_reports
+    from darkspec.conformance.suite import load_golden, run_suite
 
+    check_writable(args.report_dir)
     backends = [load(spec) for spec in args.backend] if args.backend else discover()
-    reports = [run_suite(backend, args.profile, _golden_dirs(args)) for backend in backends]
-    print(table(reports))
-    json_path, xml_path = write_reports(reports, args.profile, args.report_dir)
+    golden = load_golden(_golden_dirs(args))
+    reports = [run_suite(backend, args.profile, golden) for backend in backends]
+    print(table(reports, golden.problems))
+    json_path, xml_path = write_reports(reports, args.profile, args.report_dir, golden.problems)
     print(f"\nreports: {json_path} {xml_path}")
-    return 1 if any(report.failed for report in reports) else 0
+    # A backend asked for by name that cannot even be loaded is an error, not an empty column.
+    not_loaded = [b for b in backends if args.backend and isinstance(b, UnavailableBackend)]
+    for backend in not_loaded:
+        print(f"darkspec: backend {backend.name} cannot be loaded: {backend.availability()}", file=sys.stderr)
+    return 1 if golden.problems or not_loaded or any(report.failed for report in reports) else 0
 
 
 def _mutants(args) -> int:
     from tabulate import tabulate
 
     from darkspec.conformance.mutants import MUTANTS, hunt, killer
+    from darkspec.conformance.suite import load_golden
 
+    golden = load_golden(_golden_dirs(args))
+    for problem in golden.problems:
+        print(f"golden: {problem}", file=sys.stderr)
+    if golden.problems:
+        return 1
     rows, survivors = [], 0
     for mutant in MUTANTS:
-        killed_by = killer(hunt(mutant, args.profile, _golden_dirs(args)))
+        killed_by = killer(hunt(mutant, args.profile, golden))
         survivors += killed_by is None
         rows.append([mutant.name, mutant.mistake, "killed" if killed_by else "SURVIVED", killed_by or ""])
     print(tabulate(rows, headers=["mutant", "mistake", "verdict", "killed by"], maxcolwidths=[None, 30, None, 70]))
