@@ -164,6 +164,8 @@ def _layer(section: Section, index: int, shape: Shape, layers: list[Layer], libr
         out = _maxpool(section, index, shape)
     elif kind in ("avgpool", "avg"):
         out = (shape[0], 1, 1)
+    elif kind in ("connected", "conn"):
+        out = (positive_option(section, index, "output", 1), 1, 1)
     elif kind == "upsample":
         out = _upsample(section, index, shape)
     elif kind == "route":
@@ -180,7 +182,7 @@ def _layer(section: Section, index: int, shape: Shape, layers: list[Layer], libr
         out = shape
     else:
         raise DarkspecError(f"{section.where(index)}", kind, "a layer type darkspec knows the shape rule of: "
-                            "convolutional, maxpool, avgpool, upsample, route, scale_channels, shortcut, "
+                            "convolutional, connected, maxpool, avgpool, upsample, route, scale_channels, shortcut, "
                             f"reorg3d, reorg, {', '.join(sorted(_SAME_SHAPE))}", code="unknown-layer-type")
     if any(size < 1 for size in out):
         raise DarkspecError(f"{section.where(index)} output shape", out, "positive sizes", code="empty-output")

@@ -353,6 +353,8 @@ def test_strides_sizes_and_route_groups_must_be_at_least_1(text):
     ("[max]\nsize=2\nstride=2\npadding=0\n", (3, 2, 2)),
     ("[avgpool]\n", (3, 1, 1)),
     ("[avg]\n", (3, 1, 1)),
+    ("[connected]\noutput=7\n", (7, 1, 1)),
+    ("[conn]\n", (1, 1, 1)),
     ("[upsample]\n", (3, 8, 8)),
     ("[upsample]\nstride=-2\n", (3, 2, 2)),
     ("[convolutional]\nfilters=4\n[convolutional]\nfilters=2\n[route]\nlayers=-1,-2\n", (6, 4, 4)),
