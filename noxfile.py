@@ -11,16 +11,16 @@ CONSTRAINTS = ("-c", "constraints.txt")
 @nox.session
 def conformance(session):
     """The conformance matrix of every known backend, with JSON and JUnit reports in reports/."""
-    session.install(*CONSTRAINTS, ".[torch]")
+    session.install(*CONSTRAINTS, ".[torch,onnx,opencv]")
     session.run("darkspec", "golden", "verify")
     session.run("darkspec", "conformance", *session.posargs)
 
 
 @nox.session
 def tests(session):
-    """The test suite, with the oracles (torch, onnx) installed. Set DARKSPEC_HYPOTHESIS_PROFILE=thorough for a
+    """The test suite, with the oracles (torch, onnx) and the third-party runtimes (onnxruntime, OpenCV) installed. Set DARKSPEC_HYPOTHESIS_PROFILE=thorough for a
     long hypothesis run."""
-    session.install(*CONSTRAINTS, "-e", ".[test,oracles]")
+    session.install(*CONSTRAINTS, "-e", ".[test,oracles,onnx,opencv]")
     session.run("pytest", "-n", "2", "-q", *session.posargs)
 
 

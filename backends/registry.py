@@ -24,6 +24,7 @@ BUILTIN = {
     "torch-cuda": "darkspec.backends.torch_backend:TorchCudaBackend",
     "darknet": "darkspec.backends.darknet:DarknetBackend",
     "cupy": "darkspec.backends.cupy_backend:CupyBackend",
+    "onnxruntime": "darkspec.backends.onnxruntime_backend:OnnxRuntimeBackend",
 }
 class UnavailableBackend(Backend):
     """Stands in for a backend that cannot be loaded; it declares nothing and says why."""
