@@ -18,8 +18,8 @@ def conformance(session):
 
 @nox.session
 def tests(session):
-    """The test suite, with the oracles (torch, onnx) and the third-party runtimes (onnxruntime, OpenCV) installed. Set DARKSPEC_HYPOTHESIS_PROFILE=thorough for a
-    long hypothesis run."""
+    """The test suite, with the oracles (torch, onnx) and the third-party runtimes (onnxruntime, OpenCV) installed.
+    Set DARKSPEC_HYPOTHESIS_PROFILE=thorough for a long hypothesis run."""
     session.install(*CONSTRAINTS, "-e", ".[test,oracles,onnx,opencv]")
     session.run("pytest", "-n", "2", "-q", *session.posargs)
 
