@@ -11,14 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: The ops and the passes each has.
-PASSES = {
-    "shortcut": ("forward", "backward", "update"),
-    "reorg3d": ("forward", "backward"),
-    "reorg": ("forward", "backward"),
-}
-#: [reorg3d] and [reorg] are the same in every Darknet that has them: one dialect.
-REORG_DIALECT = "darknet"
+from darkspec.reference import contract
+from darkspec.reference.contract import REORG_DIALECT
+
+__all__ = ["REORG_DIALECT", "Backend", "BackendCrashed", "Capability", "capability_grid"]
 
 
 class BackendCrashed(RuntimeError):
@@ -107,14 +103,17 @@ class Backend:
         raise NotImplementedError
 
 
-def capability_grid(ops_dialects: dict[str, tuple[str, ...]], dtypes, device="cpu", passes=None):
-    """Every (op, dialect, dtype, pass) of the given ops and dialects; ``passes`` may restrict a dialect's passes."""
-    passes = passes or {}
+def capability_grid(ops: dict[str, tuple[str, ...]] | None = None, dtypes=None, device="cpu", passes=None):
+    """The capabilities of the contract (darkspec.reference.contract): every (op, dialect, dtype, pass) of the given
+    ops and their dialects (default: every op in every dialect), in ``dtypes`` (default: the op's), with each
+    dialect's passes (``passes`` may restrict a dialect's)."""
+    ops = ops or {name: op.dialects for name, op in contract.OPS.items()}
+    restricted = passes or {}
     return frozenset(
         Capability(op, dialect, np.dtype(dtype).name, pass_, device)
-        for op, dialects in ops_dialects.items()
+        for op, dialects in ops.items()
         for dialect in dialects
-        for dtype in dtypes
-        for pass_ in passes.get(dialect, PASSES[op])
-        if pass_ in PASSES[op]
+        for dtype in (dtypes or contract.OPS[op].dtypes)
+        for pass_ in contract.passes(op, dialect)
+        if pass_ in restricted.get(dialect, contract.passes(op, dialect))
     )

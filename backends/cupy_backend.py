@@ -30,9 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 
 import darkspec
-from darkspec.backends.base import REORG_DIALECT, Backend, capability_grid
+from darkspec.backends.base import Backend, capability_grid
 from darkspec.errors import DarkspecError
 from darkspec.reference import activations, reorg, shortcut
+from darkspec.reference.contract import NORMALIZATION_EPS, RELU_FLOOR, relu_floor_of, require_pass
 from darkspec.reference.dialects import Dialect, Quirk, parse_dialect, parse_quirks
 from darkspec.reference.shortcut import (
     Normalization,
@@ -47,6 +48,8 @@ KERNEL_FILES = ("shortcut.cu", "reorg.cu")
 #: NVRTC options (CuPy adds the architecture). --fmad=false: no product is fused into the addition after it, so the
 #: device rounds every product and sum as the reference does.
 NVRTC_OPTIONS = ("--std=c++17", "--fmad=false")
+#: The contract's constants, handed to every kernel module as compile-time definitions (shortcut.cu needs them).
+CONTRACT_DEFINES = (f"DS_NORMALIZATION_EPS={NORMALIZATION_EPS!r}", f"DS_RELU_FLOOR={RELU_FLOOR!r}")
 #: The device; capabilities carry it.
 DEVICE = "cuda"
 
@@ -69,11 +72,6 @@ ELEMENTS_PER_THREAD = 8
 _MAX_GRID_Y = 65535
 _INT32_MAX = 2**31 - 1
 
-SHORTCUT_DIALECTS = tuple(d.value for d in Dialect)
-SHORTCUT_PASSES = {
-    Dialect.DARKNET_INFERENCE.value: ("forward",),
-    Dialect.PJREDDIE.value: ("forward", "backward"),
-}
 _FLOAT_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 _MOVE_SUFFIX = {1: "u8", 2: "u16", 4: "u32", 8: "u64"}
 
@@ -96,18 +94,19 @@ def kernel_names() -> dict[str, list[str]]:
 
 
 def module_of(name: str, index: str = "i32") -> tuple[str, tuple[str, ...]]:
-    """The module that holds kernel ``name``: its file and the DS_SKIP_* definitions that leave out the kernels of
-    other storage types, index widths and families (shortcut.cu compiles one such module per combination at first
-    use). Kernels without an index width in their name go in the module of ``index``."""
+    """The module that holds kernel ``name``: its file and its definitions, the contract's constants and the
+    DS_SKIP_* definitions that leave out the kernels of other storage types, index widths and families (shortcut.cu
+    compiles one such module per combination at first use). Kernels without an index width in their name go in the
+    module of ``index``."""
     if name.startswith("reorg_"):
-        return "reorg.cu", ()
+        return "reorg.cu", CONTRACT_DEFINES
     parts = name.split("_")
     dtype = "f64" if "f64" in parts else "f32"
     index = next((p for p in parts if p in ("i32", "i64")), index)
     family = "pjreddie" if name.startswith("pjreddie_") else "shortcut"
     skip = ("DS_SKIP_F32" if dtype == "f64" else "DS_SKIP_F64", "DS_SKIP_I32" if index == "i64" else "DS_SKIP_I64",
             "DS_SKIP_SHORTCUT" if family == "pjreddie" else "DS_SKIP_PJREDDIE")
-    return "shortcut.cu", tuple(sorted(skip))
+    return "shortcut.cu", (*CONTRACT_DEFINES, *sorted(skip))
 
 
 # --- the executor: the only code that talks to CuPy -----------------------------------------------------------------
@@ -237,7 +236,7 @@ class _Shortcut:
         """(norm, floor_on, act, zero_act) as the kernels take them."""
         name = self.params.activation
         zero = name in activations.SHORTCUT_UNEVALUATED or (name == "relu6" and Quirk.CPU_RELU6_ZERO in self.quirks)
-        floor_on = self.dialect in (Dialect.DARKNET_GPU, Dialect.DARKNET_INFERENCE)
+        floor_on = relu_floor_of(self.dialect) is not None
         return (np.int32(_NORMALIZATION[self.params.weights_normalization]), np.int32(floor_on),
                 np.int32((PJREDDIE_ACTIVATIONS if self.dialect == Dialect.PJREDDIE else ACTIVATIONS).get(name, 0)),
                 np.int32(zero))
@@ -259,11 +258,7 @@ def _shortcut_settings(x, froms, weights, params, dialect, quirks, from_input_sh
 
 def _backward_settings(x, froms, weights, delta, params, dialect, quirks, from_input_shapes):
     """The reference's checks of a backward, in its order."""
-    if parse_dialect(dialect) == Dialect.DARKNET_INFERENCE:
-        raise DarkspecError(
-            "dialect", Dialect.DARKNET_INFERENCE.value,
-            "a training dialect for backward (darknet-inference is forward only)", code="pass-not-in-dialect",
-        )
+    require_pass("shortcut", dialect, "backward")
     op = _shortcut_settings(x, froms, weights, params, dialect, quirks, from_input_shapes)
     delta = np.asarray(delta)
     if delta.shape != op.x.shape or delta.dtype != op.x.dtype:
@@ -404,9 +399,7 @@ class CupyBackend(Backend):
         return None
 
     def capabilities(self):
-        dtypes = (np.float32, np.float64)
-        return capability_grid({"shortcut": SHORTCUT_DIALECTS}, dtypes, DEVICE, SHORTCUT_PASSES) \
-            | capability_grid({"reorg3d": (REORG_DIALECT,), "reorg": (REORG_DIALECT,)}, dtypes, DEVICE)
+        return capability_grid(device=DEVICE)
 
     def quirks(self):
         return frozenset(Quirk)
@@ -492,23 +485,19 @@ class CupyBackend(Backend):
 
     def shortcut_update(self, weights, weight_updates, hyper: UpdateParams, dialect):
         weights, weight_updates, dialect = shortcut.check_update_inputs(weights, weight_updates, hyper, dialect)
-        t = weights.dtype.type
-        if dialect == Dialect.DARKNET_GPU and not shortcut.gpu_updates_now(hyper):
+        step = shortcut.update_step(hyper, dialect, weights.dtype.type)
+        if step is None:
             return weights.copy(), weight_updates.copy()
         run = self._run()
         w_d, u_d = run.to_device(weights.reshape(-1)), run.to_device(weight_updates.reshape(-1))
         n = weights.size
         suffix = _FLOAT_SUFFIX[weights.dtype]
-        with np.errstate(over="ignore", invalid="ignore"):  # scalars round in the dtype, as the reference's do
-            if dialect == Dialect.DARKNET_GPU:
-                rate = t(hyper.learning_rate) * t(hyper.learning_rate_scale) / t(hyper.loss_scale)
-                args = (w_d, u_d, np.int64(n), rate / t(hyper.batch), t(hyper.momentum))
-                name = f"shortcut_update_gpu_{suffix}"
-            else:
-                rate = t(hyper.learning_rate) * t(hyper.learning_rate_scale)
-                args = (w_d, u_d, np.int64(n), -t(hyper.decay) * t(hyper.batch), rate / t(hyper.batch),
-                        t(hyper.momentum))
-                name = f"shortcut_update_cpu_{suffix}"
+        if step.repair_and_clip:
+            args = (w_d, u_d, np.int64(n), step.rate, step.momentum)
+            name = f"shortcut_update_gpu_{suffix}"
+        else:
+            args = (w_d, u_d, np.int64(n), step.decay, step.rate, step.momentum)
+            name = f"shortcut_update_cpu_{suffix}"
         if n:
             self._launch(name, (_flat_grid(n), 1, 1), (256, 1, 1), args)
         return run.to_host(w_d).reshape(weights.shape), run.to_host(u_d).reshape(weights.shape)

@@ -5,24 +5,16 @@ from __future__ import annotations
 import numpy as np
 
 import darkspec
-from darkspec.backends.base import REORG_DIALECT, Backend, capability_grid
+from darkspec.backends.base import Backend, capability_grid
 from darkspec.reference import reorg, shortcut
-from darkspec.reference.dialects import Dialect, Quirk
-
-SHORTCUT_DIALECTS = tuple(d.value for d in Dialect)
-#: darknet-inference has only a forward; the pjreddie shortcut has no weights to update.
-SHORTCUT_PASSES = {
-    Dialect.DARKNET_INFERENCE.value: ("forward",),
-    Dialect.PJREDDIE.value: ("forward", "backward"),
-}
+from darkspec.reference.dialects import Quirk
 
 
 class ReferenceBackend(Backend):
     name = "reference"
 
     def capabilities(self):
-        return capability_grid({"shortcut": SHORTCUT_DIALECTS}, (np.float32, np.float64), passes=SHORTCUT_PASSES) \
-            | capability_grid({"reorg3d": (REORG_DIALECT,), "reorg": (REORG_DIALECT,)}, (np.float32, np.float64))
+        return capability_grid()  # every op, dialect, dtype and pass of the contract
 
     def version(self):
         return f"darkspec {darkspec.__version__}, numpy {np.__version__}"

@@ -16,20 +16,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from darkspec.backends.base import REORG_DIALECT, Backend, capability_grid
+from darkspec.backends.base import Backend, capability_grid
 from darkspec.errors import DarkspecError
 from darkspec.reference import reorg as reorg_reference
 from darkspec.reference.activations import ALEXEYAB_NAMES, PJREDDIE_NAMES, SHORTCUT_UNEVALUATED
+from darkspec.reference.contract import NORMALIZATION_EPS, relu_floor_of, require_pass
 from darkspec.reference.dialects import Dialect, parse_dialect
 from darkspec.reference.shortcut import (
-    NORMALIZATION_EPS,
-    RELU_FLOOR,
     Normalization,
     ShortcutGradients,
     ShortcutParams,
     UpdateParams,
-    gpu_updates_now,
     pjreddie_index_map,
+    update_step,
     weight_count,
 )
 
@@ -302,10 +301,7 @@ class _Settings:
         if weights is None or not weights.numel():
             return None
         table = weights.reshape(self.n_from + 1, -1)
-        if self.dialect == Dialect.DARKNET_INFERENCE:
-            return normalized_weights(table, self.params.weights_normalization, RELU_FLOOR)
-        floor = RELU_FLOOR if self.dialect == Dialect.DARKNET_GPU else None
-        return normalized_weights(table, self.params.weights_normalization, floor)
+        return normalized_weights(table, self.params.weights_normalization, relu_floor_of(self.dialect))
 
 
 # --- modules ----------------------------------------------------------------------------------------------------------
@@ -399,31 +395,26 @@ class ReorgOld(_GatherReorg):
 @torch.no_grad()
 def darknet_update_(weights: torch.Tensor, weight_updates: torch.Tensor, hyper: UpdateParams,
                     dialect="darknet-cpu") -> None:
-    """Darknet's update, in place (spec/shortcut.md#update). ``weight_updates`` holds Darknet's accumulator: the
-    *negative* gradient summed since the last step (``-weights.grad``)."""
+    """Darknet's update, in place (spec/shortcut.md#update), with the reference's step (its scalars rounded in the
+    weights' dtype). ``weight_updates`` holds Darknet's accumulator: the *negative* gradient summed since the last
+    step (``-weights.grad``)."""
     dialect = parse_dialect(dialect)
-    if dialect in (Dialect.DARKNET_CPU, Dialect.EXACT):
-        rate = hyper.learning_rate * hyper.learning_rate_scale
-        weight_updates.add_(weights, alpha=-hyper.decay * hyper.batch)
-    elif dialect == Dialect.DARKNET_GPU:
-        if not gpu_updates_now(hyper):
-            return
-        rate = hyper.learning_rate * hyper.learning_rate_scale / hyper.loss_scale
+    require_pass("shortcut", dialect, "update")
+    step = update_step(hyper, dialect, np.dtype(str(weights.dtype).removeprefix("torch.")).type)
+    if step is None:
+        return
+    if step.repair_and_clip:
         weight_updates.copy_(torch.where(torch.isfinite(weight_updates), weight_updates, 0.0))
         repair = 1 / (torch.arange(weights.numel(), dtype=weights.dtype, device=weights.device) + 1)
         weights.copy_(torch.where(torch.isfinite(weights), weights, repair.reshape(weights.shape)))
         weight_updates.clamp_(-1, 1)
     else:
-        raise DarkspecError("dialect", dialect.value, "darknet-cpu, darknet-gpu, exact", code="pass-not-in-dialect")
-    weights.add_(weight_updates, alpha=rate / hyper.batch)
-    weight_updates.mul_(hyper.momentum)
+        weight_updates.add_(weights, alpha=float(step.decay))
+    weights.add_(weight_updates, alpha=float(step.rate))
+    weight_updates.mul_(float(step.momentum))
 
 
 # --- the backend ------------------------------------------------------------------------------------------------------
-
-SHORTCUT_DIALECTS = tuple(d.value for d in Dialect)
-SHORTCUT_PASSES = {Dialect.DARKNET_INFERENCE.value: ("forward",), Dialect.PJREDDIE.value: ("forward", "backward")}
-
 
 class TorchBackend(Backend):
     """The modules above behind darkspec's NumPy boundary, on ``device`` (``cpu`` or ``cuda``)."""
@@ -438,9 +429,7 @@ class TorchBackend(Backend):
         return None
 
     def capabilities(self):
-        dtypes = (np.float32, np.float64)
-        return capability_grid({"shortcut": SHORTCUT_DIALECTS}, dtypes, self.device, SHORTCUT_PASSES) | \
-            capability_grid({"reorg3d": (REORG_DIALECT,), "reorg": (REORG_DIALECT,)}, dtypes, self.device)
+        return capability_grid(device=self.device)
 
     def version(self):
         return f"torch {torch.__version__} ({self.device})"

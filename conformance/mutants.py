@@ -15,7 +15,7 @@ import numpy as np
 
 from darkspec.backends.reference import ReferenceBackend
 from darkspec.conformance.suite import BackendReport, run_suite
-from darkspec.reference import shortcut
+from darkspec.reference import contract, shortcut
 from darkspec.reference.dialects import Dialect
 
 
@@ -59,7 +59,7 @@ def _eps_before_max_subtraction(original):
             return original(table, normalization, relu_floor=relu_floor)
         m = table.max(axis=0)
         phi = np.exp(table - m)
-        return (phi / (shortcut.NORMALIZATION_EPS * np.exp(-m) + phi.sum(axis=0))).astype(table.dtype)
+        return (phi / (contract.NORMALIZATION_EPS * np.exp(-m) + phi.sum(axis=0))).astype(table.dtype)
     return normalize
 
 

@@ -16,18 +16,16 @@ from typing import Callable
 
 import numpy as np
 from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
 
-from darkspec.backends.base import PASSES, REORG_DIALECT, Backend, Capability
+from darkspec.backends.base import REORG_DIALECT, Backend, Capability, capability_grid
 from darkspec.backends.reference import ReferenceBackend
 from darkspec.conformance import recordings as rec
-from darkspec.conformance import strategies
-from darkspec.conformance.compare import Tolerance, compare, largest_magnitude, tolerance_for
+from darkspec.conformance.compare import Tolerance, compare, largest_magnitude
 from darkspec.conformance.guard import BackendFault, GuardedBackend
+from darkspec.conformance.ops import RECORDS
 from darkspec.conformance.vectors import FAIL, PASS_OF_CRASH, recording_dialect, replay
 from darkspec.errors import DarkspecError
-from darkspec.reference import activations
-from darkspec.reference.dialects import Dialect
+from darkspec.reference import contract
 
 #: Examples per property check: quick is a smoke run, ci the default, thorough opt-in.
 PROFILES = {"quick": 5, "ci": 25, "thorough": 300}
@@ -101,20 +99,6 @@ def load_golden(golden_dirs) -> Golden:
 # --- property checks -------------------------------------------------------------------------------------------
 
 
-def _activation_names(dialect: str):
-    if dialect == Dialect.PJREDDIE.value:
-        return activations.PJREDDIE_NAMES
-    return tuple(n for n in activations.ALEXEYAB_NAMES if n not in activations.SHORTCUT_UNEVALUATED)
-
-
-def _shortcut_strategy(capability: Capability):
-    dtype = np.dtype(capability.dtype).type
-    activation = st.sampled_from(_activation_names(capability.dialect))
-    if capability.dialect == Dialect.PJREDDIE.value:
-        return activation.flatmap(lambda name: strategies.pjreddie_cases(dtype=dtype, activation=name))
-    return activation.flatmap(lambda name: strategies.shortcut_cases(dtype=dtype, activation=name))
-
-
 def _first_problem(named_pairs, tolerance: Tolerance) -> str | None:
     """The first of (name, expected, actual[, own tolerance]) that fails, described; None if all pass."""
     for name, expected, actual, *own in named_pairs:
@@ -129,10 +113,10 @@ def _check_shortcut_forward(backend, capability):
         settings_ = dict(params=case.params, dialect=capability.dialect)
         expected = REFERENCE.shortcut_forward(case.x, case.froms, case.weights, **settings_)
         actual = backend.shortcut_forward(case.x, case.froms, case.weights, **settings_)
-        tolerance = tolerance_for(case.x.dtype, largest_magnitude(case.x, *case.froms, expected))
+        tolerance = RECORDS["shortcut"].tolerance(case.x.dtype, largest_magnitude(case.x, *case.froms, expected))
         return _first_problem([("output", expected, actual)], tolerance)
 
-    return _shortcut_strategy(capability), check
+    return check
 
 
 def _check_shortcut_backward(backend, capability):
@@ -152,9 +136,9 @@ def _check_shortcut_backward(backend, capability):
                           sum_tolerance(dtype, expected.delta, [case.x, *case.froms], updates,
                                         expected.weight_updates)))
         magnitude = largest_magnitude(case.x, *case.froms, case.delta, expected.delta, *expected.input_deltas)
-        return _first_problem(pairs, tolerance_for(dtype, magnitude))
+        return _first_problem(pairs, RECORDS["shortcut"].tolerance(dtype, magnitude))
 
-    return _shortcut_strategy(capability), check
+    return check
 
 
 def sum_tolerance(dtype, delta, inputs, initial, result) -> Tolerance:
@@ -171,11 +155,12 @@ def _check_shortcut_update(backend, capability):
     def check(case):
         expected = REFERENCE.shortcut_update(case.weights, case.weight_updates, case.hyper, capability.dialect)
         actual = backend.shortcut_update(case.weights, case.weight_updates, case.hyper, capability.dialect)
-        tolerance = tolerance_for(case.weights.dtype, largest_magnitude(case.weights, case.weight_updates, *expected))
+        tolerance = RECORDS["shortcut"].tolerance(case.weights.dtype,
+                                                  largest_magnitude(case.weights, case.weight_updates, *expected))
         return _first_problem([("weights", expected[0], actual[0]), ("weight_updates", expected[1], actual[1])],
                               tolerance)
 
-    return strategies.update_cases(dtype=np.dtype(capability.dtype).type), check
+    return check
 
 
 def _check_reorg(backend, capability):
@@ -188,16 +173,20 @@ def _check_reorg(backend, capability):
         else:
             args = (case.delta, case.stride, case.reverse, old, case.previous_delta)
             expected, actual = REFERENCE.reorg_backward(*args), backend.reorg_backward(*args)
-        return _first_problem([(capability.pass_, expected, actual)], Tolerance.exact())
+        tolerance = RECORDS[capability.op].tolerance(np.asarray(expected).dtype, largest_magnitude(expected))
+        return _first_problem([(capability.pass_, expected, actual)], tolerance)
 
-    return strategies.reorg_cases(old=old, dtype=np.dtype(capability.dtype).type), check
+    return check
 
 
 def _property_check(capability: Capability, backend) -> tuple[object, Callable]:
+    """The op record's strategy of valid cases for the capability, and the comparison of one case."""
     if capability.op == "shortcut":
-        return {"forward": _check_shortcut_forward, "backward": _check_shortcut_backward,
-                "update": _check_shortcut_update}[capability.pass_](backend, capability)
-    return _check_reorg(backend, capability)
+        check = {"forward": _check_shortcut_forward, "backward": _check_shortcut_backward,
+                 "update": _check_shortcut_update}[capability.pass_](backend, capability)
+    else:
+        check = _check_reorg(backend, capability)
+    return RECORDS[capability.op].cases(capability), check
 
 
 def run_property(backend, capability: Capability, examples: int) -> CheckResult:
@@ -258,15 +247,16 @@ def _golden_capability(backend, recording, array_name) -> Capability | None:
     op = recording.layer_type
     dialect = REORG_DIALECT if op != "shortcut" else recording_dialect(recording)[0].value
     pass_ = _pass_of(array_name)
-    return backend.declared(op, dialect, "float32", pass_) if pass_ in PASSES.get(op, ()) else None
+    known = op in contract.OPS and pass_ in contract.passes(op, dialect)
+    return backend.declared(op, dialect, "float32", pass_) if known else None
 
 
 # --- the whole suite --------------------------------------------------------------------------------------------
 
 
 def all_capabilities() -> list[Capability]:
-    """Every capability some backend could declare: the reference's, which covers every op, dialect and pass."""
-    return sorted(REFERENCE.capabilities())
+    """Every capability some backend could declare: every op, dialect, dtype and pass of the contract."""
+    return sorted(capability_grid())
 
 
 def run_suite(backend: Backend, profile: str = "ci", golden=(), stop_at_first_failure=False) -> BackendReport:

@@ -17,12 +17,8 @@ import numpy as np
 
 from darkspec.errors import DarkspecError
 from darkspec.reference import activations
+from darkspec.reference.contract import NORMALIZATION_EPS, RELU_FLOOR, library_of, relu_floor_of, require_pass
 from darkspec.reference.dialects import Dialect, Quirk, parse_dialect, parse_quirks
-
-#: Added to the normalization sum before dividing (a float32 constant in Darknet).
-NORMALIZATION_EPS = 1e-4
-#: The GPU path and inference-time folding clamp relu-normalized weights from below at this value.
-RELU_FLOOR = 1e-3
 
 
 class WeightsType(str, enum.Enum):
@@ -123,28 +119,34 @@ def _weights_table(weights: np.ndarray, n_from: int) -> np.ndarray:
 # --- normalization --------------------------------------------------------------------------------------------
 
 
-def normalize_weights(table: np.ndarray, normalization: Normalization, *, relu_floor: float | None) -> np.ndarray:
-    """The normalized weights ``what[slot, k]`` of a ``[slot, k]`` table, as Darknet computes them.
-
-    ``phi`` is exp(w - max_i w) for softmax and relu(w) for relu (or max(w, relu_floor) where the floor applies);
-    ``what = phi / (eps + phi_0 + phi_1 + ... + phi_n)``, the sum taken left to right in the table's dtype. The eps
-    is added after the max subtraction, so softmax is not exactly shift-invariant.
-    """
+def normalization_phi(table: np.ndarray, normalization: Normalization, relu_floor: float | None) -> np.ndarray:
+    """``phi`` of a ``[slot, k]`` table in its dtype: exp(w - max_i w) for softmax, relu(w) for relu, or
+    max(w, relu_floor) where the floor applies."""
     dtype = table.dtype
+    if normalization == Normalization.SOFTMAX:
+        return np.exp((table - table.max(axis=0)).astype(np.float64)).astype(dtype)
+    if relu_floor is None:
+        return np.where(table > 0, table, dtype.type(0))
+    floor = dtype.type(relu_floor)
+    return np.where(table > floor, table, floor)
+
+
+def normalization_total(phi: np.ndarray) -> np.ndarray:
+    """``eps + phi_0 + phi_1 + ... + phi_n`` per k, summed left to right in phi's dtype, as Darknet sums."""
+    total = np.full(phi.shape[1], NORMALIZATION_EPS, dtype=phi.dtype)
+    for row in phi:
+        total = total + row
+    return total
+
+
+def normalize_weights(table: np.ndarray, normalization: Normalization, *, relu_floor: float | None) -> np.ndarray:
+    """The normalized weights ``what[slot, k] = phi / (eps + phi_0 + ... + phi_n)`` of a ``[slot, k]`` table, as
+    Darknet computes them. The eps is added after the max subtraction, so softmax is not exactly shift-invariant.
+    """
     if normalization == Normalization.NONE:
         return table.copy()
-    if normalization == Normalization.SOFTMAX:
-        shifted = table - table.max(axis=0)
-        phi = np.exp(shifted.astype(np.float64)).astype(dtype)
-    elif relu_floor is None:
-        phi = np.where(table > 0, table, dtype.type(0))
-    else:
-        floor = dtype.type(relu_floor)
-        phi = np.where(table > floor, table, floor)
-    total = np.full(table.shape[1], NORMALIZATION_EPS, dtype=dtype)
-    for row in phi:  # in slot order, as Darknet sums
-        total = total + row
-    return phi / total
+    phi = normalization_phi(table, normalization, relu_floor)
+    return phi / normalization_total(phi)
 
 
 def fold_weights(weights: np.ndarray, params: ShortcutParams, n_from: int) -> np.ndarray:
@@ -210,8 +212,7 @@ def check_inputs(x, froms, weights, params: ShortcutParams, dialect: Dialect):
 
 def check_activation(params: ShortcutParams, dialect: Dialect, quirks) -> None:
     """Refuse an activation the dialect's Darknet lacks, or one [shortcut] does not evaluate (unless a quirk asks)."""
-    library = "pjreddie" if dialect == Dialect.PJREDDIE else "alexeyab"
-    activations.check_name(params.activation, library)
+    activations.check_name(params.activation, library_of(dialect))
     if params.activation in activations.SHORTCUT_UNEVALUATED and Quirk.SHORTCUT_UNEVALUATED_ACTIVATIONS not in quirks:
         raise DarkspecError(
             "activation",
@@ -250,8 +251,8 @@ def _normalized(weights, params, n_from, dialect):
         return None
     if dialect == Dialect.DARKNET_INFERENCE:
         return _weights_table(fold_weights(weights, params, n_from), n_from)
-    relu_floor = RELU_FLOOR if dialect == Dialect.DARKNET_GPU else None
-    return normalize_weights(_weights_table(weights, n_from), params.weights_normalization, relu_floor=relu_floor)
+    return normalize_weights(_weights_table(weights, n_from), params.weights_normalization,
+                             relu_floor=relu_floor_of(dialect))
 
 
 def _weighted_sum(x, froms, what, quirks, from_input_shapes):
@@ -305,7 +306,7 @@ def _zeroed_by_quirk(params, quirks) -> bool:
 def _activate(pre, params, dialect, quirks):
     if _zeroed_by_quirk(params, quirks):
         return np.zeros_like(pre)
-    return activations.activate(params.activation, pre, "pjreddie" if dialect == Dialect.PJREDDIE else "alexeyab")
+    return activations.activate(params.activation, pre, library_of(dialect))
 
 
 def activation_factor(pre, out, params, dialect, quirks):
@@ -372,11 +373,7 @@ def backward(
     (zeros if not given). The forward is recomputed from the inputs, so no state is carried between passes.
     """
     dialect, quirks = parse_dialect(dialect), cpu_quirks(parse_quirks(quirks), dialect)
-    if dialect == Dialect.DARKNET_INFERENCE:
-        raise DarkspecError(
-            "dialect", dialect.value, "a training dialect for backward (darknet-inference is forward only)",
-            code="pass-not-in-dialect",
-        )
+    require_pass("shortcut", dialect, "backward")
     x, froms, weights = check_inputs(x, froms, weights, params, dialect)
     check_activation(params, dialect, quirks)
     delta = np.asarray(delta)
@@ -471,19 +468,13 @@ def _exact_weight_gradient(terms, table, what, params):
     normalization = params.weights_normalization
     if normalization == Normalization.NONE:
         return g
-    total = NORMALIZATION_EPS + _normalization_phi(w, normalization).sum(axis=0)
+    total = normalization_total(normalization_phi(w, normalization, None))
     mixed = (g * what).sum(axis=0)
     if normalization == Normalization.RELU:
         return (w > 0) / total * (g - mixed)
     # softmax with max subtraction: the eps term makes the first argmax (Darknet's m) carry an extra term.
     argmax = (np.arange(w.shape[0])[:, None] == w.argmax(axis=0)[None, :])
     return what * (g - mixed) - argmax * mixed * NORMALIZATION_EPS / total
-
-
-def _normalization_phi(w, normalization):
-    if normalization == Normalization.SOFTMAX:
-        return np.exp(w - w.max(axis=0))
-    return np.maximum(w, 0)
 
 
 # --- update -----------------------------------------------------------------------------------------------------
@@ -503,39 +494,58 @@ def check_update_inputs(weights, weight_updates, hyper: UpdateParams, dialect):
         raise DarkspecError("weights.dtype", str(weights.dtype), "float32, float64", code="bad-dtype")
     if hyper.batch < 1:
         raise DarkspecError("batch", hyper.batch, "an integer >= 1", code="bad-batch")
-    if dialect not in (Dialect.DARKNET_CPU, Dialect.DARKNET_GPU, Dialect.EXACT):
-        raise DarkspecError(
-            "dialect", dialect.value, "darknet-cpu, darknet-gpu, exact (the others have no trainable weights)",
-            code="pass-not-in-dialect",
-        )
+    require_pass("shortcut", dialect, "update")
     return weights, weight_updates, dialect
+
+
+@dataclass(frozen=True)
+class UpdateStep:
+    """The scalars of one update step, rounded in the weights' dtype: ``weight_updates += decay * weights`` (the
+    CPU rule), on the GPU non-finite updates become 0, non-finite weights 1/(i+1) and updates are clipped to ±1
+    (``repair_and_clip``), then ``weights += rate * weight_updates`` and ``weight_updates *= momentum``."""
+
+    decay: np.floating
+    rate: np.floating
+    momentum: np.floating
+    repair_and_clip: bool
+
+
+def update_step(hyper: UpdateParams, dialect: Dialect, t) -> UpdateStep | None:
+    """The step the dialect takes (``t``: the dtype's scalar type), or None where the GPU skips the update."""
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf propagate as Darknet lets them
+        if dialect == Dialect.DARKNET_GPU:
+            if not gpu_updates_now(hyper):
+                return None
+            rate = t(hyper.learning_rate) * t(hyper.learning_rate_scale) / t(hyper.loss_scale)
+            return UpdateStep(t(0), rate / t(hyper.batch), t(hyper.momentum), repair_and_clip=True)
+        rate = t(hyper.learning_rate) * t(hyper.learning_rate_scale)
+        return UpdateStep(-t(hyper.decay) * t(hyper.batch), rate / t(hyper.batch), t(hyper.momentum),
+                          repair_and_clip=False)
 
 
 def update(weights, weight_updates, hyper: UpdateParams, dialect: Dialect | str = Dialect.DARKNET_CPU):
     """One update step: returns (new weights, new weight_updates) (spec/shortcut.md#update)."""
     weights, weight_updates, dialect = check_update_inputs(weights, weight_updates, hyper, dialect)
     t = weights.dtype.type
-    with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf propagate as Darknet lets them
-        return _update(weights, weight_updates, hyper, dialect, t)
+    step = update_step(hyper, dialect, t)
+    if step is None:
+        return weights.copy(), weight_updates.copy()
+    with np.errstate(invalid="ignore", over="ignore"):
+        if step.repair_and_clip:
+            weight_updates = np.where(np.isfinite(weight_updates), weight_updates, t(0))
+            weights = np.where(np.isfinite(weights), weights, gpu_weight_repair(weights.size, weights.dtype)
+                               .reshape(weights.shape))
+            weight_updates = np.clip(weight_updates, t(-1), t(1))
+        else:
+            weight_updates = weight_updates + step.decay * weights
+        weights = weights + step.rate * weight_updates
+        return weights, weight_updates * step.momentum
 
 
-def _update(weights, weight_updates, hyper, dialect, t):
-    if dialect in (Dialect.DARKNET_CPU, Dialect.EXACT):
-        rate = t(hyper.learning_rate) * t(hyper.learning_rate_scale)
-        weight_updates = weight_updates + (-t(hyper.decay) * t(hyper.batch)) * weights
-        weights = weights + (rate / t(hyper.batch)) * weight_updates
-        return weights, weight_updates * t(hyper.momentum)
-    if dialect == Dialect.DARKNET_GPU:
-        if not gpu_updates_now(hyper):
-            return weights.copy(), weight_updates.copy()
-        rate = t(hyper.learning_rate) * t(hyper.learning_rate_scale) / t(hyper.loss_scale)
-        weight_updates = np.where(np.isfinite(weight_updates), weight_updates, t(0))
-        repair = (t(1) / (np.arange(weights.size, dtype=weights.dtype) + t(1))).reshape(weights.shape)
-        weights = np.where(np.isfinite(weights), weights, repair)
-        weight_updates = np.clip(weight_updates, t(-1), t(1))
-        weights = weights + (rate / t(hyper.batch)) * weight_updates
-        return weights, weight_updates * t(hyper.momentum)
-    raise AssertionError(dialect)  # check_update_inputs refused every other dialect
+def gpu_weight_repair(count: int, dtype) -> np.ndarray:
+    """The value the GPU update writes over a non-finite weight i: 1/(i+1)."""
+    t = np.dtype(dtype).type
+    return t(1) / (np.arange(count, dtype=dtype) + t(1))
 
 
 def gpu_updates_now(hyper: UpdateParams) -> bool:

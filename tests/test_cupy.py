@@ -29,6 +29,7 @@ from darkspec.backends import cupy_backend
 from darkspec.backends.base import Capability
 from darkspec.backends.reference import ReferenceBackend
 from darkspec.backends.cupy_backend import (
+    CONTRACT_DEFINES,
     ACTIVATIONS,
     KERNEL_FILES,
     NVRTC_OPTIONS,
@@ -42,7 +43,7 @@ from darkspec.conformance.report import cell
 from darkspec.conformance.suite import run_property, run_suite
 from darkspec.conformance.vectors import FAIL, PASS, replay
 from darkspec.errors import DarkspecError
-from darkspec.reference import activations, reorg, shortcut
+from darkspec.reference import activations, contract, reorg, shortcut
 from darkspec.reference.shortcut import ShortcutParams, UpdateParams
 
 from conftest import GOLDEN
@@ -89,7 +90,8 @@ def test_every_kernel_compiles_with_nvcc_for_sm_90(filename, tmp_path):
     if nvcc is None:
         pytest.skip("nvcc is not installed (a CUDA toolkit); the NVRTC and host compilations still check the kernels")
     ptx = tmp_path / f"{filename}.ptx"
-    command = [nvcc, "-ptx", "-arch=sm_90", *NVRTC_OPTIONS, str(KERNELS / filename), "-o", str(ptx)]
+    command = [nvcc, "-ptx", "-arch=sm_90", *NVRTC_OPTIONS, *(f"-D{d}" for d in CONTRACT_DEFINES),
+               str(KERNELS / filename), "-o", str(ptx)]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr}"
     assert set(kernel_names()[filename]) <= _entries(ptx.read_text())
@@ -121,7 +123,7 @@ def test_every_kernel_compiles_with_nvrtc_without_a_device(filename):
     program = nvrtc.createProgram(kernel_source(filename), filename, (), ())
     try:
         try:
-            nvrtc.compileProgram(program, (*NVRTC_OPTIONS, "-arch=compute_90"))
+            nvrtc.compileProgram(program, (*NVRTC_OPTIONS, *(f"-D{d}" for d in CONTRACT_DEFINES), "-arch=compute_90"))
         except nvrtc.NVRTCError as error:
             pytest.fail(f"NVRTC: {error}\n{nvrtc.getProgramLog(program)}")
         ptx = nvrtc.getPTX(program)
@@ -131,11 +133,28 @@ def test_every_kernel_compiles_with_nvrtc_without_a_device(filename):
     assert set(kernel_names()[filename]) <= _entries(ptx.rstrip("\x00"))
 
 
+def test_the_kernels_take_the_contracts_constants_from_python():
+    # eps and the relu floor are defined once, in darkspec.reference.contract: the source refuses to compile
+    # without them and holds no copy of their values.
+    source = kernel_source("shortcut.cu")
+    assert not re.search(r"#define DS_(NORMALIZATION_EPS|RELU_FLOOR)\b", source)
+    for name, value in (("DS_NORMALIZATION_EPS", contract.NORMALIZATION_EPS), ("DS_RELU_FLOOR", contract.RELU_FLOOR)):
+        assert f"{name}={value!r}" in CONTRACT_DEFINES
+        for module in {cupy_backend.module_of(n) for names in kernel_names().values() for n in names}:
+            assert f"{name}={value!r}" in module[1]
+    compiler = shutil.which("g++") or shutil.which("cpp")
+    if compiler is None:
+        pytest.skip("no host C preprocessor (g++)")
+    bare = subprocess.run([compiler, "-E", "-P", "-x", "c++", "-"], input=source, capture_output=True, text=True)
+    assert bare.returncode != 0 and "DS_NORMALIZATION_EPS" in bare.stderr
+
+
 def test_each_module_the_backend_compiles_holds_the_kernels_it_launches_from_it():
     # The backend compiles shortcut.cu once per storage type, index width and family (DS_SKIP_* definitions).
     everything = set()
     for filename, names in kernel_names().items():
-        assert _instantiated(kernel_source(filename)) == set(names)  # no definition: every kernel (what CI compiles)
+        # only the contract's definitions: every kernel (what CI compiles)
+        assert _instantiated(kernel_source(filename), CONTRACT_DEFINES) == set(names)
         for name in names:
             for index in ("i32", "i64"):
                 module = cupy_backend.module_of(name, index)
@@ -280,7 +299,7 @@ class HostExecutor:
         for filename in KERNEL_FILES:
             source = build / filename
             source.write_text(kernel_source(filename))
-            flags = ["-std=c++17", "-include", str(build / "emu.h"), "-x", "c++"]
+            flags = ["-std=c++17", "-include", str(build / "emu.h"), "-x", "c++", *(f"-D{d}" for d in CONTRACT_DEFINES)]
             expanded = subprocess.run([compiler, "-E", "-P", *flags, str(source)], capture_output=True, text=True,
                                       check=True).stdout
             wrappers = []

@@ -44,8 +44,10 @@ enum {
 #define DS_GELU_GRAD_B 0.0356774
 #define DS_GELU_GRAD_C1 0.398942
 #define DS_GELU_GRAD_C3 0.0535161
-#define DS_NORMALIZATION_EPS 1e-4
-#define DS_RELU_FLOOR 1e-3
+// The contract's constants come from Python (darkspec.reference.contract), as -D definitions: none is copied here.
+#if !defined(DS_NORMALIZATION_EPS) || !defined(DS_RELU_FLOOR)
+#error "compile with -DDS_NORMALIZATION_EPS=... -DDS_RELU_FLOOR=... (cupy_backend.CONTRACT_DEFINES)"
+#endif
 
 // --- small helpers ---------------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from darkspec.backends.base import Backend, Capability
 from darkspec.reference.activations import activate
+from darkspec.reference.contract import NORMALIZATION_EPS
 
 
 class ToyBackend(Backend):
@@ -31,7 +32,7 @@ class ToyBackend(Backend):
             elif params.weights_normalization == "softmax":
                 table = np.exp((table - table.max(axis=0)).astype(np.float64)).astype(x.dtype)
             if params.weights_normalization != "none":
-                total = np.full(table.shape[1], 1e-4, x.dtype)
+                total = np.full(table.shape[1], NORMALIZATION_EPS, x.dtype)
                 for row in table:
                     total = total + row
                 table = table / total
