@@ -5,7 +5,8 @@ computed (never regenerated), and regression cases that the reference computes f
 each with a fixed seed. ``golden/manifest.json`` lists every file with its sha256, so that any change to the data is
 a visible, reviewed change:
 
-- :func:`verify` checks the tree against the manifest (the CI gate);
+- :func:`verify` checks the tree against the manifest, and :func:`gate` every golden folder of a run (each
+  conformance run passes through it before any backend runs);
 - :func:`record` regenerates the reference cases, rewrites their manifest entries and reports, array by array,
   what changed.
 
@@ -20,7 +21,8 @@ import inspect
 import io
 import json
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 
@@ -28,11 +30,14 @@ import numpy as np
 
 import darkspec
 from darkspec.conformance import recordings as rec
+from darkspec.conformance.vectors import recording_dialect
 from darkspec.reference import reorg, shortcut
 from darkspec.reference.dialects import Dialect
 from darkspec.reference.shortcut import ShortcutParams, UpdateParams
 
 MANIFEST = "manifest.json"
+#: The package that holds the shipped golden folder (the repository's golden/, installed as package data).
+PACKAGE = "darkspec.golden"
 #: The folder of the reference regression cases, inside the golden folder.
 REFERENCE_DIR = "reference"
 LIBRARY = "darkspec-reference"
@@ -345,10 +350,15 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+#: What makes the shipped folder the package darkspec.golden: code, not data, so not in the manifest.
+PACKAGE_FILES = ("__init__.py", "__pycache__")
+
+
 def _files(golden: Path) -> dict[str, Path]:
-    """Every file under ``golden`` but the manifest, by its path relative to ``golden`` (with forward slashes)."""
+    """Every data file under ``golden`` (all but the manifest and the package's own files), by its path relative to
+    ``golden`` (with forward slashes)."""
     return {p.relative_to(golden).as_posix(): p for p in sorted(golden.rglob("*"))
-            if p.is_file() and p != golden / MANIFEST}
+            if p.is_file() and p != golden / MANIFEST and p.relative_to(golden).parts[0] not in PACKAGE_FILES}
 
 
 def _is_reference_case(relative: str) -> bool:
@@ -373,6 +383,11 @@ def read_manifest(golden: Path) -> dict[str, dict]:
     return json.loads((golden / MANIFEST).read_text())
 
 
+def shipped() -> Path:
+    """The golden folder installed with darkspec, found through importlib.resources wherever darkspec runs."""
+    return Path(str(resources.files(PACKAGE).joinpath(MANIFEST))).parent
+
+
 def _write_manifest(golden: Path, manifest: dict[str, dict]) -> None:
     (golden / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
@@ -380,30 +395,75 @@ def _write_manifest(golden: Path, manifest: dict[str, dict]) -> None:
 # --- verify -------------------------------------------------------------------------------------------------------
 
 
-def verify(golden_dir, write=print) -> int:
-    """Check every file under ``golden_dir`` against its manifest: one line per problem (``changed``, ``missing``,
-    ``unlisted``), then a summary. Returns 0 when all match, else 1."""
+def check(golden_dir) -> tuple[list[str], list[rec.Recording]]:
+    """Every problem of one golden folder, one line each naming the file (relative to the folder) and the reason,
+    and the recordings that passed: a listed file that is ``missing``, ``changed`` (sha256), an ``unlisted`` one,
+    one that is not a readable recording, a manifest that cannot be read, or a folder that does not exist."""
     golden = Path(golden_dir)
-    if not (golden / MANIFEST).is_file():
-        write(f"{MANIFEST}: missing")
-        write(f"golden: FAILED, no {MANIFEST} in {golden}")
-        return 1
-    manifest = read_manifest(golden)
+    if not golden.is_dir():
+        return [f"{golden}: no such golden folder"], []
+    try:
+        manifest = read_manifest(golden)
+    except FileNotFoundError:
+        return [f"{MANIFEST}: missing (every golden folder lists its files with their sha256)"], []
+    except (OSError, ValueError) as error:
+        return [f"{MANIFEST}: unreadable ({type(error).__name__}: {error})"], []
+    broken = [str(name) for name, entry in manifest.items() if not isinstance(entry, dict) or
+              not isinstance(entry.get("sha256"), str)] if isinstance(manifest, dict) else None
+    if broken is None:
+        return [f"{MANIFEST}: holds a {type(manifest).__name__}, expected an object of file entries"], []
+    if broken:
+        return [f"{MANIFEST}: entry {name} has no sha256" for name in broken], []
     present = _files(golden)
-    problems = []
+    problems, recordings = [], []
     for relative, entry in sorted(manifest.items()):
         if relative not in present:
             problems.append(f"{relative}: missing")
         elif _sha256(present[relative]) != entry["sha256"]:
             problems.append(f"{relative}: changed (sha256 differs from {MANIFEST})")
+        elif relative.endswith(".npz"):
+            try:
+                recording = rec.load_recording(present[relative])
+                recording_dialect(recording)
+            except rec.RecordingError as error:
+                problems.append(f"{relative}: undecodable ({error.reason})")
+                continue
+            recordings.append(recording)
     problems += [f"{relative}: unlisted (not in {MANIFEST})" for relative in present if relative not in manifest]
+    return problems, recordings
+
+
+def verify(golden_dir, write=print) -> int:
+    """Check every file under ``golden_dir`` against its manifest: one line per problem (see :func:`check`), then a
+    summary. Returns 0 when all match, else 1."""
+    problems, recordings = check(golden_dir)
     for line in problems:
         write(line)
     if problems:
-        write(f"golden: FAILED, {len(problems)} problem(s) against {len(manifest)} listed files")
+        write(f"golden: FAILED, {len(problems)} problem(s) in {golden_dir}")
         return 1
-    write(f"golden: OK, {len(manifest)} files match {MANIFEST}")
+    write(f"golden: OK, {len(read_manifest(Path(golden_dir)))} files match {MANIFEST}, {len(recordings)} recordings")
     return 0
+
+
+@dataclass
+class Gate:
+    """The golden cases of a run: the recordings of every folder that replay, and one line per problem (the folder,
+    the file and the reason), any of which fails the run while the good recordings still replay."""
+
+    recordings: list[rec.Recording] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def gate(golden_dirs) -> Gate:
+    """:func:`check` on each golden folder of a run."""
+    result = Gate()
+    for folder in map(Path, golden_dirs):
+        problems, recordings = check(folder)
+        result.problems += [problem if problem.startswith(str(folder)) else f"{folder}/{problem}"
+                            for problem in problems]
+        result.recordings += recordings
+    return result
 
 
 # --- record -------------------------------------------------------------------------------------------------------

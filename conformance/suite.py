@@ -21,6 +21,7 @@ from darkspec.backends.base import REORG_DIALECT, Backend, Capability, capabilit
 from darkspec.backends.reference import ReferenceBackend
 from darkspec.conformance import recordings as rec
 from darkspec.conformance.compare import Tolerance, compare, largest_magnitude
+from darkspec.conformance.golden import Gate, gate
 from darkspec.conformance.guard import BackendFault, GuardedBackend
 from darkspec.conformance.ops import RECORDS
 from darkspec.conformance.vectors import FAIL, PASS_OF_CRASH, recording_dialect, replay
@@ -68,32 +69,6 @@ class BackendReport:
     @property
     def failed(self) -> bool:
         return self.error is not None or any(not r.passed for r in self.results)
-
-
-@dataclass
-class Golden:
-    """The golden cases of a run, each recording loaded and checked on its own: those that replay, and one line
-    per file that cannot (the file and what is wrong), which fails the run while the rest still replay."""
-
-    recordings: list[rec.Recording] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-
-def load_golden(golden_dirs) -> Golden:
-    golden = Golden()
-    for folder in map(Path, golden_dirs):
-        if not folder.is_dir():
-            golden.problems.append(f"{folder}: no such golden folder")
-            continue
-        for path in rec.recording_paths(folder):
-            try:
-                recording = rec.load_recording(path)
-                recording_dialect(recording)
-            except rec.RecordingError as error:
-                golden.problems.append(str(error))
-                continue
-            golden.recordings.append(recording)
-    return golden
 
 
 # --- property checks -------------------------------------------------------------------------------------------
@@ -260,8 +235,8 @@ def all_capabilities() -> list[Capability]:
 
 
 def run_suite(backend: Backend, profile: str = "ci", golden=(), stop_at_first_failure=False) -> BackendReport:
-    """Every check of every capability the backend declares. ``golden`` is a loaded :class:`Golden` or the golden
-    folders to load. Whatever the backend does, the result is a report (the backend stands behind a guard)."""
+    """Every check of every capability the backend declares. ``golden`` is a run's :class:`Gate` or the golden
+    folders to pass through it. Whatever the backend does, the result is a report (the backend stands behind a guard)."""
     backend = backend if isinstance(backend, GuardedBackend) else GuardedBackend(backend)
     report = BackendReport(backend)
     try:
@@ -273,8 +248,8 @@ def run_suite(backend: Backend, profile: str = "ci", golden=(), stop_at_first_fa
     except BackendFault as fault:
         report.error = str(fault)
         return report
-    if not isinstance(golden, Golden):
-        folders, golden = [str(d) for d in golden], load_golden(golden)
+    if not isinstance(golden, Gate):
+        folders, golden = [str(d) for d in golden], gate(golden)
         if golden.problems:
             raise DarkspecError("golden", folders, "folders of readable recordings", code="bad-golden",
                                 reason="; ".join(golden.problems))

@@ -8,11 +8,13 @@ from pathlib import Path
 
 from darkspec.errors import DarkspecError
 
-DEFAULT_GOLDEN = Path("golden")
 
 
 def _golden_dirs(args) -> list[Path]:
-    return [] if args.no_golden else [args.golden]
+    """The shipped golden folder and the user's own on top (--golden), or none with --no-golden."""
+    from darkspec.conformance.golden import shipped
+
+    return [] if args.no_golden else [shipped(), *args.golden]
 
 
 def _vectors(args) -> int:
@@ -29,11 +31,12 @@ def _vectors(args) -> int:
 def _conformance(args) -> int:
     from darkspec.backends.registry import UnavailableBackend, discover, load
     from darkspec.conformance.report import check_writable, table, write_reports
-    from darkspec.conformance.suite import load_golden, run_suite
+    from darkspec.conformance.golden import gate
+    from darkspec.conformance.suite import run_suite
 
     check_writable(args.report_dir)
     backends = [load(spec) for spec in args.backend] if args.backend else discover()
-    golden = load_golden(_golden_dirs(args))
+    golden = gate(_golden_dirs(args))
     reports = [run_suite(backend, args.profile, golden) for backend in backends]
     print(table(reports, golden.problems))
     json_path, xml_path = write_reports(reports, args.profile, args.report_dir, golden.problems)
@@ -49,9 +52,9 @@ def _mutants(args) -> int:
     from tabulate import tabulate
 
     from darkspec.conformance.mutants import MUTANTS, hunt, killer
-    from darkspec.conformance.suite import load_golden
+    from darkspec.conformance.golden import gate
 
-    golden = load_golden(_golden_dirs(args))
+    golden = gate(_golden_dirs(args))
     for problem in golden.problems:
         print(f"golden: {problem}", file=sys.stderr)
     if golden.problems:
@@ -75,11 +78,13 @@ def _bench(args) -> int:
 def _golden(args) -> int:
     from darkspec.conformance import golden
 
-    return (golden.verify if args.action == "verify" else golden.record)(args.golden)
+    return (golden.verify if args.action == "verify" else golden.record)(args.golden or golden.shipped())
 
 
 def _add_golden_options(parser):
-    parser.add_argument("--golden", type=Path, default=DEFAULT_GOLDEN, help="the golden folder (default: golden)")
+    parser.add_argument("--golden", type=Path, action="append", default=[], metavar="DIR",
+                        help="a folder of your own recordings, with its manifest.json, replayed on top of the "
+                        "golden cases shipped with darkspec (repeatable)")
     parser.add_argument("--no-golden", action="store_true", help="run the property checks only")
 
 
@@ -118,7 +123,8 @@ def main(argv=None) -> int:
     golden = commands.add_parser("golden", help="verify the golden folder against its manifest, or regenerate "
                                  "the reference regression cases")
     golden.add_argument("action", choices=["verify", "record"])
-    golden.add_argument("--golden", type=Path, default=DEFAULT_GOLDEN)
+    golden.add_argument("--golden", type=Path, metavar="DIR",
+                        help="the golden folder (default: the one shipped with darkspec)")
     golden.set_defaults(run=_golden)
 
     args = parser.parse_args(argv)

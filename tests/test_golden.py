@@ -1,13 +1,23 @@
 """The golden gate: the tree matches its manifest, tampering is caught by name, recording is deterministic, and
 every reference regression case replays."""
 
+import hashlib
+import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from darkspec.backends.base import Capability
+from darkspec.backends.reference import ReferenceBackend
+from darkspec.cli import main
 from darkspec.conformance import golden as gold
 from darkspec.conformance import recordings as rec
+from darkspec.conformance.suite import run_golden
 from darkspec.conformance.vectors import PASS, replay
 from darkspec.reference.dialects import Dialect
 
@@ -117,3 +127,81 @@ def test_every_reference_case_replays(name):
     assert case.params["generator"] == name and case.params["library"] == "darkspec-reference"
     result = replay(case)
     assert result.verdict == PASS, result.line()
+
+
+# --- the gate of every conformance run: each tampering fails the run, naming the file and the reason -------------
+
+
+class ReorgOnly(ReferenceBackend):
+    """A backend of one capability: the gate is what these tests look at."""
+
+    name = "reorg-only"
+
+    def capabilities(self):
+        return frozenset({Capability("reorg3d", "darknet", "float32", "forward")})
+
+
+def corrupt_but_listed(golden):
+    """A truncated recording whose manifest entry was updated to match it: the sha256 agrees, the file is junk."""
+    path = golden / RECORDING
+    path.write_bytes(path.read_bytes()[:100])
+    manifest = gold.read_manifest(golden)
+    manifest[RECORDING]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (golden / "manifest.json").write_text(json.dumps(manifest))
+
+
+def without_sha(golden):
+    manifest = gold.read_manifest(golden)
+    del manifest[RECORDING]["sha256"]
+    (golden / "manifest.json").write_text(json.dumps(manifest))
+
+
+TAMPERINGS = {
+    "missing": (lambda g: (g / RECORDING).unlink(), f"{RECORDING}: missing"),
+    "changed": (lambda g: (g / RECORDING).write_bytes((g / RECORDING).read_bytes() + b"\0"),
+                f"{RECORDING}: changed (sha256 differs from manifest.json)"),
+    "unlisted": (lambda g: shutil.copy(g / RECORDING, g / "reference" / "extra.npz"),
+                 "reference/extra.npz: unlisted (not in manifest.json)"),
+    "undecodable": (corrupt_but_listed, f"{RECORDING}: undecodable (not a readable .npz"),
+    "broken-manifest": (lambda g: (g / "manifest.json").write_text("{not json"), "manifest.json: unreadable"),
+    "manifest-entry-without-sha": (without_sha, f"manifest.json: entry {RECORDING} has no sha256"),
+    "no-manifest": (lambda g: (g / "manifest.json").unlink(), "manifest.json: missing"),
+    "no-folder": (lambda g: shutil.rmtree(g), "no such golden folder"),
+}
+
+
+@pytest.mark.parametrize("tampering", TAMPERINGS)
+def test_each_tampering_fails_the_conformance_run_by_name(copy, tmp_path, tampering, capsys):
+    tamper, message = TAMPERINGS[tampering]
+    tamper(copy)
+    status = main(["conformance", "--backend", "test_golden:ReorgOnly", "--profile", "quick", "--golden", str(copy),
+                   "--report-dir", str(tmp_path / "reports")])
+    out, err = capsys.readouterr()
+    assert status == 1
+    problems = [line for line in out.splitlines() if line.startswith("golden: ")]
+    assert len(problems) == 1 and str(copy) in problems[0] and message in problems[0], out
+    assert "Traceback" not in out + err
+    report = json.loads((tmp_path / "reports" / "conformance.json").read_text())
+    assert report["golden_problems"] == [problems[0].removeprefix("golden: ")]
+    # the shipped cases still replay: the backend's column is there and passes
+    assert report["backends"][0]["matrix"]["reorg3d/darknet/forward"].startswith("pass")
+
+
+def test_golden_verify_names_an_undecodable_file(copy):
+    corrupt_but_listed(copy)
+    status, lines = run(gold.verify, copy)
+    assert status == 1 and lines[0].startswith(f"{RECORDING}: undecodable (not a readable .npz")
+
+
+def test_the_shipped_goldens_are_found_from_any_directory(tmp_path):
+    """An installed darkspec reads its golden cases as package data, whatever the working directory."""
+    assert gold.shipped() == GOLDEN
+    done = subprocess.run([sys.executable, "-m", "darkspec", "conformance", "--backend", "test_golden:ReorgOnly",
+                           "--profile", "quick", "--report-dir", str(tmp_path / "reports")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "reports" / "conformance.json").read_text())
+    golden = [r["examples"] for r in report["backends"][0]["results"] if r["check"] == "golden"]
+    in_the_checkout = [r.examples for r in run_golden(ReorgOnly(), gold.gate([GOLDEN]).recordings)]
+    assert golden == in_the_checkout and golden[0] > 0

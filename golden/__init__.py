@@ -1,0 +1,1 @@
+"""The golden cases as package data (``darkspec.golden``), found with importlib.resources; see README.md here."""
