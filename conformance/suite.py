@@ -11,7 +11,6 @@ A capability the backend does not declare is reported as unsupported, never run 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -19,7 +18,6 @@ from hypothesis import HealthCheck, Phase, given, settings
 
 from darkspec.backends.base import REORG_DIALECT, Backend, Capability, capability_grid
 from darkspec.backends.reference import ReferenceBackend
-from darkspec.conformance import recordings as rec
 from darkspec.conformance.compare import Tolerance, compare, largest_magnitude
 from darkspec.conformance.golden import Gate, gate
 from darkspec.conformance.guard import BackendFault, GuardedBackend
@@ -236,7 +234,7 @@ def all_capabilities() -> list[Capability]:
 
 def run_suite(backend: Backend, profile: str = "ci", golden=(), stop_at_first_failure=False) -> BackendReport:
     """Every check of every capability the backend declares. ``golden`` is a run's :class:`Gate` or the golden
-    folders to pass through it. Whatever the backend does, the result is a report (the backend stands behind a guard)."""
+    folders to pass through it. Whatever the backend does, the result is a report (it stands behind a guard)."""
     backend = backend if isinstance(backend, GuardedBackend) else GuardedBackend(backend)
     report = BackendReport(backend)
     try:

@@ -9,7 +9,6 @@ from pathlib import Path
 from darkspec.errors import DarkspecError
 
 
-
 def _golden_dirs(args) -> list[Path]:
     """The shipped golden folder and the user's own on top (--golden), or none with --no-golden."""
     from darkspec.conformance.golden import shipped
