@@ -48,6 +48,14 @@ def _stair(x):
     return torch.where((torch.remainder(n, 2) != 0) & (x != n), (x - n) + half, half)
 
 
+def _in_double(expression):
+    """The expression evaluated in double, then rounded to the tensor's dtype; autograd's derivative through it is
+    then a double one, rounded once, as the reference's."""
+    return lambda x: expression(x.double()).to(x.dtype)
+
+
+#: gelu, swish and mish in double: their float32 autograd derivative takes 1 - sigmoid near 1 and multiplies its
+#: rounding error by up to x (~34 at x = 5 for gelu), far beyond 4·ε·M of the exact dialect's backward.
 FORWARD = {
     "linear": lambda x: x,
     "leaky": lambda x: torch.where(x > 0, x, 0.1 * x),
@@ -60,21 +68,16 @@ FORWARD = {
     "elu": lambda x: torch.where(x >= 0, x, torch.expm1(torch.clamp(x, max=0))),
     "selu": lambda x: torch.where(x >= 0, _SELU_LAMBDA * x,
                                   _SELU_LAMBDA * _SELU_ALPHA * torch.expm1(torch.clamp(x, max=0))),
-    "gelu": lambda x: x * torch.sigmoid(2 * (_GELU_A * x + _GELU_B * x ** 3)),
+    "gelu": _in_double(lambda x: x * torch.sigmoid(2 * (_GELU_A * x + _GELU_B * x ** 3))),
     "relie": lambda x: torch.where(x > 0, x, 0.01 * x),
     "ramp": lambda x: torch.where(x > 0, x, torch.zeros_like(x)) + 0.1 * x,
     "plse": lambda x: torch.where(x < -4, 0.01 * (x + 4), torch.where(x > 4, 0.01 * (x - 4) + 1, 0.125 * x + 0.5)),
     "hardtan": lambda x: _kept(x, (x > -1) & (x < 1), torch.clamp(x, -1, 1)),
     "lhtan": lambda x: torch.where((x > 0) & (x < 1), x, torch.where(x <= 0, 0.001 * x, 0.001 * (x - 1) + 1)),
     "stair": _stair,
-    "swish": lambda x: x * torch.sigmoid(x),
-    "mish": lambda x: x * torch.tanh(torch.logaddexp(x, torch.zeros_like(x))),
+    "swish": _in_double(lambda x: x * torch.sigmoid(x)),
+    "mish": _in_double(lambda x: x * torch.tanh(torch.logaddexp(x, torch.zeros_like(x)))),
 }
-
-
-def _in_double(expression):
-    """pjreddie evaluates some activations in double; so does this, then rounds to the tensor's dtype."""
-    return lambda x: expression(x.double()).to(x.dtype)
 
 
 #: pjreddie's own double-precision expressions (spec/activations.md), whose cancellation near 0 shows in its results.

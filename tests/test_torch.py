@@ -137,3 +137,19 @@ def test_unevaluated_activations_are_refused():
     with pytest.raises(DarkspecError) as raised:
         WeightedShortcut(1, 3, activation="hard_mish")
     assert raised.value.code == "unknown-activation"
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swish", "mish"])
+def test_exact_float32_activation_derivatives_do_not_cancel(activation):
+    """At x = 4.94 float32 autograd of gelu takes 1 - sigmoid(2u) ~ 1e-6 and multiplies its rounding by ~34: the
+    derivative was 14 ε off, outside 4·ε·M (found by the conformance suite's exact/float32/backward draws)."""
+    from darkspec.conformance.compare import compare, largest_magnitude, tolerance_for
+
+    x = np.full((1, 1, 1, 1), 4.9417696, np.float32)
+    froms = [np.zeros_like(x)]
+    delta = np.full_like(x, -2.0184114)
+    params = ShortcutParams(activation=activation)
+    expected = shortcut.backward(x, froms, None, delta, params, "exact")
+    actual = TorchBackend().shortcut_backward(x, froms, None, delta, params=params, dialect="exact")
+    tolerance = tolerance_for(np.float32, largest_magnitude(x, delta, expected.delta))
+    assert compare("delta", expected.delta, actual.delta, tolerance).passed
