@@ -1,8 +1,9 @@
-"""The ``darkspec`` command line: ``vectors``, ``conformance``, ``mutants``, ``bench`` and ``golden``."""
+"""The ``darkspec`` command line: ``vectors``, ``conformance``, ``mutants``, ``bench``, ``check`` and ``golden``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -74,6 +75,25 @@ def _bench(args) -> int:
     return bench.run_args(args)
 
 
+def _check(args) -> int:
+    from darkspec.conformance import check
+
+    if not args.cfg.is_file():
+        raise DarkspecError("MODEL.cfg", str(args.cfg), "a cfg file that exists", code="no-such-file")
+    text = args.cfg.read_text()
+    network, _ = check.parse_model(text)
+    weights = None
+    if args.weights is not None:
+        from darkspec.reference.weights import read_weights
+
+        if not args.weights.is_file():
+            raise DarkspecError("--weights", str(args.weights), "a .weights file that exists", code="no-such-file")
+        weights = read_weights(args.weights, network)
+    report = check.check_model(text, str(args.cfg), check.select_runtimes(args.runtime), weights=weights)
+    print(json.dumps(report.to_json(), indent=2) if args.json else check.render(report))
+    return 1 if check.failing(report, args.fail_on) else 0
+
+
 def _golden(args) -> int:
     from darkspec.conformance import golden
 
@@ -118,6 +138,24 @@ def main(argv=None) -> int:
 
     add_arguments(bench)
     bench.set_defaults(run=_bench)
+
+    check = commands.add_parser("check", help="will this model compute the same everywhere? every [shortcut], "
+                                "[reorg3d] and [reorg] of a cfg, its quirks, and per runtime: same, different or "
+                                "refused, each backed by a run")
+    check.add_argument("cfg", type=Path, metavar="MODEL.cfg")
+    check.add_argument("--weights", type=Path, metavar="MODEL.weights",
+                       help="a Darknet .weights file for the cfg: checked against it, its shortcut weights analysed "
+                       "and used in the runs")
+    check.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    check.add_argument("--fail-on", choices=["different", "refused"],
+                       help="exit status 1 when a runtime computes the model differently (or refuses it), or "
+                       "refuses it")
+    check.add_argument("--runtime", action="append", default=[], metavar="NAME",
+                       help="check only these runtimes (repeatable): darknet-cpu, darknet-gpu, darknet-inference, "
+                       "pjreddie, opencv, onnx, torch, cupy")
+    check.add_argument("--plot", type=Path, metavar="FILE",
+                       help="with --weights: a heat-map of every weighted shortcut's normalized weights (PNG)")
+    check.set_defaults(run=_check)
 
     golden = commands.add_parser("golden", help="verify the golden folder against its manifest, or regenerate "
                                  "the reference regression cases")
