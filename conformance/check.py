@@ -22,9 +22,10 @@ from darkspec.conformance.compare import Tolerance, compare, largest_magnitude, 
 from darkspec.errors import DarkspecError
 from darkspec.reference import activations, reorg, shortcut
 from darkspec.reference.cfg import DELIBERATE_DIFFERENCES, ShortcutSection, parse_shortcut
+from darkspec.reference.contract import FLOORED_DIALECTS
 from darkspec.reference.dialects import Dialect, Quirk
 from darkspec.reference.network import ALEXEYAB_ONLY, Layer, Network, ReorgSection, parse_network
-from darkspec.reference.shortcut import Normalization, ShortcutParams, WeightsType
+from darkspec.reference.shortcut import Normalization, ShortcutParams, WeightsType, cpu_quirks
 
 SAME, DIFFERENT, REFUSED = "same", "different", "refused"
 VERDICTS = (SAME, DIFFERENT, REFUSED)  # in order of severity
@@ -33,6 +34,7 @@ RUN_BATCH = 2
 #: Runs use at most this height and width (reorg layers: twice the stride), keeping every channel.
 RUN_SPATIAL = 4
 RELU_FLOOR = "relu-floor"
+ALEXEYAB_QUIRKS = frozenset(Quirk)
 #: What each verdict compares with, by the library the cfg is written for.
 DEFINITIONS = {
     "alexeyab": ("darknet-cpu", "the reference's darknet-cpu forward without quirks (spec/shortcut.md#forward, "
@@ -219,15 +221,11 @@ def _alexeyab_deviations(layer: FusionLayer) -> list[Finding]:
                     DELIBERATE_DIFFERENCES[code]) for code in layer.deviations]
 
 
-#: Which of quirks_that_fire each AlexeyAB path has: the CPU's bugs (inference runs the CPU code here), the floor
-#: of the GPU and of folding, and the activations no path evaluates.
-ALEXEYAB_PATH_RULES = {
-    Dialect.DARKNET_CPU: {Quirk.CPU_FASTPATH_INPUT_DIMS.value, Quirk.CPU_RELU6_ZERO.value,
-                          Quirk.SHORTCUT_UNEVALUATED_ACTIVATIONS.value},
-    Dialect.DARKNET_GPU: {RELU_FLOOR, Quirk.SHORTCUT_UNEVALUATED_ACTIVATIONS.value},
-    Dialect.DARKNET_INFERENCE: {Quirk.CPU_FASTPATH_INPUT_DIMS.value, Quirk.CPU_RELU6_ZERO.value, RELU_FLOOR,
-                                Quirk.SHORTCUT_UNEVALUATED_ACTIVATIONS.value},
-}
+def alexeyab_path_rules(dialect: Dialect) -> set[str]:
+    """Which of quirks_that_fire an AlexeyAB path has: the quirks the reference keeps in its dialect (the CPU's bugs
+    are not on the GPU; inference runs the CPU code here), and the floor where the dialect has it."""
+    codes = {quirk.value for quirk in cpu_quirks(ALEXEYAB_QUIRKS, dialect)}
+    return codes | ({RELU_FLOOR} if dialect in FLOORED_DIALECTS else set())
 
 
 def rules_alexeyab(dialect: Dialect):
@@ -235,7 +233,7 @@ def rules_alexeyab(dialect: Dialect):
         if layer.alexeyab_refusal is not None:
             return [_parser_refusal(layer.alexeyab_refusal, "AlexeyAB")]
         return _alexeyab_deviations(layer) + [finding for finding in quirks_that_fire(layer)
-                                              if finding.code in ALEXEYAB_PATH_RULES[dialect]]
+                                              if finding.code in alexeyab_path_rules(dialect)]
 
     return rules
 
@@ -321,7 +319,21 @@ def rules_inference_export(layer: FusionLayer) -> list[Finding]:
     with the 0.001 floor."""
     if layer.alexeyab_refusal is not None:
         return [_parser_refusal(layer.alexeyab_refusal, "darkspec")]
-    return [f for f in quirks_that_fire(layer) if f.code == RELU_FLOOR]
+    found = [f for f in quirks_that_fire(layer) if f.code == RELU_FLOOR]
+    expressible = onnx_activations()
+    if layer.params and expressible is not None and layer.params.activation not in expressible:
+        found.append(Finding("activation-not-exportable", REFUSED, f"the export has no ONNX form of "
+                             f"{layer.params.activation}", "spec/check.md#the-runtimes"))
+    return found
+
+
+def onnx_activations():
+    """The activations darkspec.export.onnx can express, or None where onnx is not installed."""
+    try:
+        from darkspec.export import onnx as export
+    except ImportError:
+        return None
+    return frozenset(export.ACTIVATIONS)
 
 
 def rules_darkspec_backend(layer: FusionLayer) -> list[Finding]:
@@ -338,7 +350,6 @@ def rules_darkspec_backend(layer: FusionLayer) -> list[Finding]:
 
 # --- the runtimes -----------------------------------------------------------------------------------------------
 
-ALEXEYAB_QUIRKS = frozenset(Quirk)
 
 
 @dataclass(frozen=True)
@@ -372,8 +383,7 @@ RUNTIMES = (
     Runtime("pjreddie", "pjreddie", rules_pjreddie, (Runner("darknet", "pjreddie"), Runner("reference", "pjreddie"))),
     Runtime("opencv", "OpenCV", rules_opencv, (Runner("opencv", "darknet-inference"),),
             missing="the opencv backend (issue 18) is not part of this darkspec"),
-    Runtime("onnx", "ONNX", rules_inference_export, (Runner("onnxruntime", "darknet-inference"),),
-            missing="the onnxruntime backend and darkspec.export.onnx (issue 18) are not part of this darkspec"),
+    Runtime("onnx", "ONNX", rules_inference_export, (Runner("onnxruntime", "darknet-inference"),)),
     Runtime("torch", "torch", rules_darkspec_backend, (Runner("torch", None),)),
     Runtime("cupy", "cupy", rules_darkspec_backend, (Runner("cupy", None),)),
 )
