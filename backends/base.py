@@ -8,6 +8,7 @@ reference and reports every other one as unsupported.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
@@ -35,6 +36,16 @@ class Capability:
 
     def label(self) -> str:
         return f"{self.op}/{self.dialect}/{self.pass_}"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A pass made ready for timing (:meth:`Backend.prepare`): ``run()`` computes it on arrays already in the
+    backend's own memory; ``result()`` returns what the last ``run()`` computed, as the NumPy API returns it (a
+    backward's ``delta`` may be None: autograd does not return it)."""
+
+    run: Callable[[], Any]
+    result: Callable[[], Any]
 
 
 class Backend:
@@ -80,11 +91,12 @@ class Backend:
         return next((c for c in sorted(self.capabilities())
                      if (c.op, c.dialect, c.dtype, c.pass_) == (op, dialect, dtype, pass_)), None)
 
-    def prepare_forward(self, op: str, inputs: dict, settings: dict):
-        """Optional, for throughput measurement: a no-argument callable that runs the forward of ``op`` on ``inputs``
-        (``x``, and ``froms``/``weights`` for the shortcut) already moved into the backend's own arrays, into a
-        preallocated output, so that a benchmark times the computation and not the NumPy boundary. ``settings``
-        are the op call's keyword arguments. None where the backend has no such path."""
+    def prepare(self, op: str, pass_: str, inputs: dict, settings: dict) -> Prepared | None:
+        """Optional, for throughput measurement: ``op``'s ``pass_`` on ``inputs`` (the op call's array arguments:
+        ``x``, ``froms``, ``weights``, ``delta``, ``weight_updates``) moved once into the backend's own arrays, so
+        that ``darkspec bench`` times the computation and not the NumPy boundary. A forward writes into a
+        preallocated output where the backend has one. ``settings`` are the call's other keyword arguments. None
+        where the backend has no such path (the bench then times the NumPy API)."""
         return None
 
     def shortcut_forward(self, x, froms, weights, **settings) -> np.ndarray:

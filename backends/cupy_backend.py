@@ -18,7 +18,7 @@ The device work goes through an *executor* (``CupyExecutor`` by default). The ex
 CuPy: ``compile(module)``, ``to_device``, ``empty``, ``pointers`` (a device table of array addresses),
 ``launch(module, name, grid, block, args)`` and ``to_host``. Another executor can run the same kernel sources
 elsewhere (the tests run them on the CPU). ``prepare_shortcut`` gives a call whose arrays stay on the device, for
-timing the kernels alone (benchmarks/gpu_throughput.py).
+timing the kernels alone (``darkspec bench``, through ``prepare`` and the CUDA-event timer of ``bench_timer``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import darkspec
-from darkspec.backends.base import Backend, capability_grid
+from darkspec.backends.base import Backend, Prepared, capability_grid
 from darkspec.errors import DarkspecError
 from darkspec.reference import activations, reorg, shortcut
 from darkspec.reference.contract import NORMALIZATION_EPS, RELU_FLOOR, relu_floor_of, require_pass
@@ -452,6 +452,25 @@ class CupyBackend(Backend):
             raise DarkspecError("dialect", op.dialect.value, "an AlexeyAB dialect for a prepared call",
                                 code="pass-not-in-dialect")
         return DeviceShortcut(self, op, delta, weight_updates)
+
+    def prepare(self, op, pass_, inputs, settings):
+        """The [shortcut] kernels on device arrays (the AlexeyAB dialects' forward and backward)."""
+        if op != "shortcut" or pass_ == "update" or parse_dialect(settings["dialect"]) == Dialect.PJREDDIE:
+            return None
+        call = self.prepare_shortcut(inputs["x"], inputs["froms"], inputs["weights"],
+                                     inputs["delta"] if pass_ == "backward" else None, params=settings["params"],
+                                     dialect=settings["dialect"], weight_updates=inputs.get("weight_updates"))
+        return Prepared(call.forward, call.output) if pass_ == "forward" else Prepared(call.backward, call.gradients)
+
+    def bench_timer(self):
+        """CUDA events on CuPy's current stream, and a device-to-device copy as the bandwidth baseline."""
+        import cupy
+
+        from darkspec.bench.timing import CudaEventTimer
+
+        return CudaEventTimer("cuda events (cupy)", DEVICE, lambda: (cupy.cuda.Event(), cupy.cuda.Event()),
+                              lambda start, end: cupy.cuda.get_elapsed_time(start, end) / 1e3,
+                              lambda n: cupy.empty(n, dtype=cupy.uint8))
 
     def _pjreddie(self, op: _Shortcut, delta):
         """pjreddie's two-input shortcut: forward (delta None) or backward."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from darkspec.backends.base import Backend, capability_grid
+from darkspec.backends.base import Backend, Prepared, capability_grid
 from darkspec.errors import DarkspecError
 from darkspec.reference import reorg as reorg_reference
 from darkspec.reference.activations import ALEXEYAB_NAMES, PJREDDIE_NAMES, SHORTCUT_UNEVALUATED
@@ -479,20 +479,28 @@ class TorchBackend(Backend):
         return ShortcutGradients(delta=d.detach().cpu().numpy(), input_deltas=[-a.grad.cpu().numpy() for a in inputs],
                                  weight_updates=updates)
 
-    def prepare_forward(self, op, inputs, settings):
-        """The module's forward on tensors that share the NumPy inputs' memory, into a reused output."""
-        x = torch.from_numpy(inputs["x"]).to(self.device)
-        if op == "shortcut":
-            froms = [torch.from_numpy(f).to(self.device) for f in inputs["froms"]]
-            module = self._module(inputs["x"], inputs["froms"], inputs["weights"], settings["params"],
-                                  settings["dialect"])
+    def prepare(self, op, pass_, inputs, settings):
+        """The modules on tensors that share the NumPy inputs' memory: the forward into a reused output, the
+        backward as autograd's gradients on a graph built once, the update in place on copies."""
+        if op != "shortcut":
+            if pass_ != "forward":
+                return None
+            module = (ReorgOld if op == "reorg" else Reorg3d)(settings["stride"], settings["reverse"])
+            return _prepared_call(lambda x: module(x), self._shared(inputs["x"]))
+        if pass_ == "update":
+            weights, updates = self._tensor(inputs["weights"]), self._tensor(inputs["weight_updates"])
+            return Prepared(lambda: darknet_update_(weights, updates, settings["hyper"], settings["dialect"]),
+                            lambda: (weights.cpu().numpy(), updates.cpu().numpy()))
+        module = self._module(inputs["x"], inputs["froms"], inputs["weights"], settings["params"], settings["dialect"])
+        if pass_ == "forward":
+            x, froms = self._shared(inputs["x"]), [self._shared(f) for f in inputs["froms"]]
             out = torch.empty_like(x)
-            return torch.no_grad()(lambda: module(x, *froms, out=out))
-        stride, reverse = settings["stride"], settings["reverse"]
-        index = torch.from_numpy(reorg_reference.forward_gather_index(op == "reorg", tuple(x.shape), stride,
-                                                                      reverse)).to(self.device)
-        flat, out = x.reshape(-1), torch.empty(index.numel(), dtype=x.dtype, device=self.device)
-        return lambda: torch.index_select(flat, 0, index, out=out)
+            return Prepared(torch.no_grad()(lambda: module(x, *froms, out=out)), lambda: out.cpu().numpy())
+        return _prepared_backward(module, [self._tensor(a, grad=True) for a in (inputs["x"], *inputs["froms"])],
+                                  self._shared(inputs["delta"]), inputs["weight_updates"])
+
+    def _shared(self, array):
+        return torch.from_numpy(array).to(self.device)
 
     def shortcut_update(self, weights, weight_updates, hyper, dialect):
         w, wu = self._tensor(weights), self._tensor(weight_updates)
@@ -511,8 +519,47 @@ class TorchBackend(Backend):
         return x.grad.cpu().numpy()
 
 
+def _prepared_call(function, *args) -> Prepared:
+    last = {}
+
+    def run():
+        last["out"] = function(*args)
+
+    return Prepared(run, lambda: last["out"].cpu().numpy())
+
+
+def _prepared_backward(module, inputs, delta, weight_updates) -> Prepared:
+    """Autograd's gradient of every input and of the weights with ``delta`` as the output's gradient: Darknet's
+    input deltas and what it adds to the weight updates (delta is -dL/dy)."""
+    out = module(*inputs)
+    leaves = inputs + ([module.weight] if module.weight is not None else [])
+    last = {}
+
+    def run():
+        last["grads"] = torch.autograd.grad(out, leaves, delta, retain_graph=True)
+
+    def result():
+        grads = [g.cpu().numpy() for g in last["grads"]]
+        updates = None
+        if module.weight is not None:
+            init = np.zeros(module.weight.numel(), grads[-1].dtype) if weight_updates is None else weight_updates
+            updates = init + grads[-1]
+        return ShortcutGradients(delta=None, input_deltas=grads[:len(inputs)], weight_updates=updates)
+
+    return Prepared(run, result)
+
+
 class TorchCudaBackend(TorchBackend):
     """The same modules on the first CUDA device."""
 
     def __init__(self):
         super().__init__("cuda")
+
+    def bench_timer(self):
+        """CUDA events on torch's current stream, and a device-to-device copy as the bandwidth baseline."""
+        from darkspec.bench.timing import CudaEventTimer
+
+        return CudaEventTimer("cuda events (torch)", "cuda",
+                              lambda: (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)),
+                              lambda start, end: start.elapsed_time(end) / 1e3,
+                              lambda n: torch.empty(n, dtype=torch.uint8, device="cuda"))

@@ -209,7 +209,8 @@ def main(argv=None) -> int:
     check.run("GPU tests", [python, "-m", "pytest", "tests/test_cupy.py", "tests/test_torch.py", "-q", "-rs",
                             "-p", "no:cacheprovider", f"--junitxml={out / 'gpu_tests.xml'}"], cap=120, reserve=90)
     check.run("bench (GPU backends)", [python, "-m", "darkspec", "bench", *backends, "--only",
-                                       "--size", "16x256x76x76", "--output", str(out / "bench")],
+                                       "--size", "16x256x76x76", "--threads", "1", "--no-baselines", "--no-darknet",
+                                       "--case", "per_channel.softmax", "--output", str(out / "bench")],
               cap=150, reserve=0)
     return check.summary()
 

@@ -70,9 +70,9 @@ def _mutants(args) -> int:
 
 
 def _bench(args) -> int:
-    from darkspec.conformance import bench
+    from darkspec.bench.cli import run_args
 
-    return bench.run_args(args)
+    return run_args(args)
 
 
 def _check(args) -> int:
@@ -133,8 +133,8 @@ def main(argv=None) -> int:
     mutants.set_defaults(run=_mutants)
 
     bench = commands.add_parser("bench", help="the throughput matrix: GB/s and %% of the memory-copy bandwidth per "
-                                "backend and op, and the ratio to eager PyTorch")
-    from darkspec.conformance.bench import add_arguments
+                                "backend and case, and the ratios to eager PyTorch, torch.compile and Darknet")
+    from darkspec.bench.cli import add_arguments
 
     add_arguments(bench)
     bench.set_defaults(run=_bench)

@@ -1,7 +1,7 @@
-"""The throughput matrix (darkspec.conformance.bench): its outputs, compare mode and bytes formulas.
+"""The throughput matrix (darkspec.bench): what it checks before timing, its outputs, compare mode, the bytes rule.
 
-Nothing here asserts a speed: the measured figures depend on the machine. The one run of the quick profile uses a
-tiny size; every other test works on data built by hand or on a timer that returns fixed durations.
+Nothing here asserts a speed: figures depend on the machine. One quick run uses a tiny size; every other test
+works on a timer that returns fixed durations or on reports built by hand.
 """
 
 from __future__ import annotations
@@ -9,284 +9,69 @@ from __future__ import annotations
 import copy
 import io
 import json
-import struct
-import zlib
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from darkspec.backends.reference import ReferenceBackend
-from darkspec.conformance import bench
-from darkspec.conformance.bench import OPS, OpSpec, bytes_moved
+from darkspec.bench import cases, cli, contenders, matrix, report
+from darkspec.bench.cases import Case, bytes_moved
+from darkspec.bench.timing import Timer
 from darkspec.errors import DarkspecError
-from darkspec.reference import reorg, shortcut
-from darkspec.reference.shortcut import ShortcutParams
 
 TINY = (1, 16, 8, 8)
-
-
-def read_png(data: bytes) -> dict:
-    """Every chunk of a PNG, checked: signature, CRCs, IHDR first, IEND last, IDAT the size IHDR announces."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    chunks, at = [], 8
-    while at < len(data):
-        (length,) = struct.unpack(">I", data[at:at + 4])
-        kind, body = data[at + 4:at + 8], data[at + 8:at + 8 + length]
-        (crc,) = struct.unpack(">I", data[at + 8 + length:at + 12 + length])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
-        chunks.append((kind, body))
-        at += 12 + length
-    assert at == len(data)
-    assert chunks[0][0] == b"IHDR" and len(chunks[0][1]) == 13 and chunks[-1] == (b"IEND", b"")
-    width, height, depth, color, compression, filtering, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert width > 0 and height > 0 and compression == 0 and filtering == 0
-    info = {"width": width, "height": height, "depth": depth, "color": color, "interlace": interlace}
-    if (depth, color, interlace) == (8, 2, 0):  # the built-in writer's format: check the pixel data too
-        raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
-        assert len(raw) == height * (1 + 3 * width)
-    return info
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The quick profile, once, on a tiny size.
+TORCH = contenders.import_torch()
+needs_torch = pytest.mark.skipif(TORCH is None, reason="torch is not importable: no PyTorch baselines")
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("bench")
     out = io.StringIO()
-    status = bench.run(quick=True, sizes=["1x16x8x8"], output=output, out=out)
+    status = cli.run(quick=True, sizes=["1x16x8x8"], output=output, out=out)
     return status, out.getvalue(), output
 
 
-def test_quick_profile_prints_the_table_and_the_summary(quick_run):
-    status, text, _ = quick_run
+def test_the_quick_profile_prints_and_writes_every_case_of_every_contender(quick_run):
+    status, text, output = quick_run
     assert status == 0
-    for header in ("backend", "ms median [p20, p80]", "GB/s", "copy GB/s", "% copy", "vs torch eager", "target"):
+    for header in ("contender", "ms median [p20, p80]", "GB/s", "% copy", "first call s", "machine:", "spread"):
         assert header in text
-    assert "% of copy bandwidth (median)" in text
-    assert "target: reference >= 25% of copy bandwidth" in text
-    for spec in OPS:
-        assert spec.label in text
-
-
-def test_quick_profile_writes_json_with_machine_versions_and_every_figure(quick_run):
-    _, _, output = quick_run
-    report = json.loads((output / bench.JSON_NAME).read_text())
-    assert report["schema"] == bench.SCHEMA
-    assert report["profile"]["name"] == "quick" and report["profile"]["sizes"] == [list(TINY)]
-    machine = report["machine"]
-    assert machine["cpu_model"] and machine["logical_cores"] >= 1 and machine["llc_bytes"] > 0
-    assert "memory_bytes" in machine
-    versions = report["versions"]
-    assert versions["numpy"] == np.__version__ and versions["python"] and versions["darkspec"]
-    assert report["chart"]["file"] == bench.PNG_NAME and report["chart"]["renderer"] in ("matplotlib", "builtin")
-    reference = [r for r in report["results"] if r["backend"] == "reference"]
-    # every op, in both dtypes the reference declares
-    assert {(r["key"], r["dtype"]) for r in reference} == {(s.key, d) for s in OPS for d in ("float32", "float64")}
-    torch_there = versions["torch"] is not None
-    for r in reference:
-        assert r["error"] is None and r["shape"] == list(TINY)
-        assert r["bytes"] == bytes_moved(next(s for s in OPS if s.key == r["key"]), TINY, r["dtype"])
+    data = json.loads((output / cli.JSON_NAME).read_text())
+    assert data["schema"] == matrix.SCHEMA and data["profile"]["sizes"] == [list(TINY)]
+    assert data["machine"]["cpu_model"] and data["machine"]["llc_bytes"] > 0 and data["allocator"]
+    reference = {r["key"] for r in data["results"] if r["backend"] == "reference"}
+    assert reference == {c.key for c in cases.QUICK_CASES}
+    for r in data["results"]:
+        assert r["error"] is None, (r["backend"], r["key"], r["error"])
         t = r["time"]
         assert 0 < t["p20_s"] <= t["median_s"] <= t["p80_s"] and t["repeats"] == len(t["samples_s"]) >= 5
         assert r["gbps"] == pytest.approx(r["bytes"] / t["median_s"] / 1e9)
-        assert r["copy"]["median_s"] > 0
         assert r["pct_of_copy"] == pytest.approx(100 * r["gbps"] / r["copy"]["gbps"])
-        assert r["sets"] >= 2 and r["target"]["min_pct"] == 25.0
-        assert (r["vs_torch_eager"] is not None) == torch_there
-        assert (r["torch_eager"] is not None) == torch_there
-        if torch_there:
-            assert r["torch_eager"]["median_s"] > 0 and r["torch_eager"]["pct_of_copy"] > 0
-    assert {b["name"] for b in report["backends"]} >= {"reference"}
-
-
-def test_quick_profile_writes_a_valid_png(quick_run):
-    _, _, output = quick_run
-    info = read_png((output / bench.PNG_NAME).read_bytes())
-    assert info["width"] >= 200 and info["height"] >= 100
-
-
-def test_the_builtin_chart_is_a_valid_png_with_the_drawn_size(quick_run, tmp_path):
-    _, _, output = quick_run
-    report = json.loads((output / bench.JSON_NAME).read_text())
-    path = tmp_path / "chart.png"
-    assert bench.write_chart(report, path, prefer_matplotlib=False) == "builtin"
-    info = read_png(path.read_bytes())
-    ops, series, grid = bench.summary(report)
-    image = bench.render_chart(ops, series, grid, "t")
-    assert (info["height"], info["width"], info["depth"], info["color"]) == (*image.shape[:2], 8, 2)
-    assert len(ops) == len(OPS) and "reference" in series
-
-
-def test_png_bytes_round_trips_the_pixels():
-    rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
-    data = bench.png_bytes(rgb)
-    read_png(data)
-    idat = data[data.index(b"IDAT") + 4:data.index(b"IEND") - 8]
-    rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(4, 1 + 15)
-    assert not rows[:, 0].any() and np.array_equal(rows[:, 1:].reshape(4, 5, 3), rgb)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Compare mode, on reports built by hand.
-
-
-def _result(backend, key, median, spread=0.1, label=None, shape=TINY, dtype="float32"):
-    half = median * spread / 2
-    return {"backend": backend, "key": key, "label": label or key, "shape": list(shape), "dtype": dtype,
-            "time": {"median_s": median, "p20_s": median - half, "p80_s": median + half, "spread": spread}}
-
-
-def _report(results, cpu="cpu A"):
-    return {"schema": bench.SCHEMA, "profile": {"name": "quick", "sizes": [list(TINY)]}, "machine": {"cpu_model": cpu},
-            "versions": {"torch": None}, "backends": [], "results": results, "skipped": []}
-
-
-def test_compare_flags_a_regression_beyond_the_spread_and_not_one_within_it():
-    baseline = _report([_result("reference", "slow", 0.005), _result("reference", "noisy", 0.0096),
-                        _result("reference", "quicker", 0.020), _result("reference", "gone", 0.001)])
-    current = _report([_result("reference", "slow", 0.010), _result("reference", "noisy", 0.010),
-                       _result("reference", "quicker", 0.010), _result("reference", "added", 0.001)])
-    verdicts = {c.label: c.verdict for c in bench.compare(baseline, current)}
-    assert verdicts == {"slow": "regression", "noisy": "same", "quicker": "faster", "added": "new",
-                        "gone": "missing"}
-    slow = next(c for c in bench.compare(baseline, current) if c.label == "slow")
-    assert slow.change == pytest.approx(1.0) and slow.tolerance == pytest.approx(0.1)
-    # the larger of the two spreads counts, and --min-regression raises the bar
-    wide = _report([_result("reference", "slow", 0.005, spread=1.5)])
-    assert bench.compare(wide, current)[0].verdict == "same"
-    assert bench.compare(baseline, current, min_regression=2.0)[0].verdict == "same"
-
-
-def test_compare_relative_to_copy_forgives_a_machine_that_is_slower_as_a_whole():
-    def case(median, copy_median):
-        r = _result("reference", "op", median)
-        r["copy"] = _result("", "", copy_median)["time"]
-        return r
-
-    baseline = _report([case(0.010, 0.002)])
-    slower_machine = _report([case(0.020, 0.004)])  # the op and the copy both twice as slow
-    slower_op = _report([case(0.020, 0.002)])  # the op alone twice as slow
-    assert bench.compare(baseline, slower_machine)[0].verdict == "regression"
-    assert bench.compare(baseline, slower_machine, relative_to_copy=True)[0].verdict == "same"
-    changed = bench.compare(baseline, slower_op, relative_to_copy=True)[0]
-    assert changed.verdict == "regression" and changed.tolerance == pytest.approx(0.2)  # op spread + copy spread
-
-
-def test_compare_mode_exit_status_only_with_fail_on_regression(quick_run, tmp_path):
-    _, _, output = quick_run
-    current = json.loads((output / bench.JSON_NAME).read_text())
-    for r in current["results"]:  # fixed figures: the verdicts must not depend on this machine's noise
-        r["time"] = _result(r["backend"], r["key"], 0.010)["time"]
-    baseline = copy.deepcopy(current)
-    regressed, within = baseline["results"][0], baseline["results"][1]
-    regressed["time"] = _result("", "", 0.005)["time"]  # now twice as slow: beyond a 10% spread
-    within["time"] = _result("", "", 0.0097)["time"]  # 3% slower: within it
-    (tmp_path / "base.json").write_text(json.dumps(baseline))
-    (tmp_path / "now.json").write_text(json.dumps(current))
-    options = dict(compare_with=tmp_path / "base.json", current=tmp_path / "now.json")
-
-    out = io.StringIO()
-    assert bench.run(**options, out=out) == 0
-    assert bench.run(**options, fail_on_regression=True, out=io.StringIO()) == 1
-    lines = [line for line in out.getvalue().splitlines() if "REGRESSION" in line]
-    assert len(lines) == 1 and regressed["label"] in lines[0] and regressed["backend"] in lines[0]
-    assert "1 regression(s) beyond the measured spread" in out.getvalue()
-    # the unchanged baseline: nothing flagged, exit 0 even when asked to fail
-    (tmp_path / "same.json").write_text(json.dumps(current))
-    assert bench.run(compare_with=tmp_path / "same.json", current=tmp_path / "now.json", fail_on_regression=True,
-                     out=io.StringIO()) == 0
-
-
-def test_compare_refuses_a_file_that_is_not_a_bench_report(tmp_path):
-    (tmp_path / "other.json").write_text(json.dumps({"suite": "darkspec"}))
-    with pytest.raises(DarkspecError, match="bad-baseline"):
-        bench.load_report(tmp_path / "other.json")
-    assert bench.main(["--compare", str(tmp_path / "missing.json"), "--current", str(tmp_path / "x.json")]) == 2
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Bytes moved.
-
-N, C, H, W = 2, 16, 8, 8
-T = N * C * H * W
-
-
-@pytest.mark.parametrize("dtype, itemsize", [("float32", 4), ("float64", 8)])
-def test_bytes_moved_formulas(dtype, itemsize):
-    expected = {
-        # forward: (n+1) inputs read, the weights read, one output written
-        "shortcut.forward.n1.none.none": 3 * T,
-        "shortcut.forward.n2.per_feature.relu": 4 * T + 3,
-        "shortcut.forward.n3.per_channel.softmax": 5 * T + 4 * C,
-        # backward, no weights, linear: delta read; d and two input deltas written
-        "shortcut.backward.n1.none.none": T + 3 * T,
-        # backward with weights: delta, x, froms, weights and accumulator read; d, input deltas, accumulator written
-        "shortcut.backward.n2.per_feature.relu": (T + 3 * T + 2 * 3) + (4 * T + 3),
-        "shortcut.backward.n3.per_channel.softmax": (T + 4 * T + 2 * 4 * C) + (5 * T + 4 * C),
-        "reorg3d.forward.reverse0.stride2": 2 * T,
-        "reorg3d.forward.reverse1.stride2": 2 * T,
-    }
-    assert {s.key: bytes_moved(s, (N, C, H, W), dtype) for s in OPS} == {k: v * itemsize for k, v in expected.items()}
-
-
-def test_a_non_linear_backward_without_weights_reads_its_inputs():
-    spec = OpSpec("shortcut", "backward", 1, "none", "none", activation="leaky")
-    assert bytes_moved(spec, (N, C, H, W), "float32") == (3 * T + 3 * T) * 4
-
-
-@pytest.mark.parametrize("spec", OPS, ids=lambda s: s.key)
-def test_bytes_moved_is_what_the_reference_reads_and_writes(spec):
-    """The formula against the arrays themselves: the inputs the result depends on, and every output."""
-    shape = (2, 16, 4, 6)
-    sets = bench.make_sets(spec, shape, "float32", 1, np.random.default_rng(1))[0]
-    params = ShortcutParams(weights_type=spec.weights_type, weights_normalization=spec.normalization)
-    if spec.op == "reorg3d":
-        arrays = [sets["x"], reorg.reorg3d_forward(sets["x"], spec.stride, spec.reverse)]
-    elif spec.pass_ == "forward":
-        out = shortcut.forward(sets["x"], sets["froms"], sets["weights"], params)
-        arrays = [sets["x"], *sets["froms"], out] + ([sets["weights"]] if sets["weights"] is not None else [])
+        assert r["first_call_s"] > 0
+    if data["charts"]["reason"] is None:
+        assert data["charts"]["files"] and all((output / f).read_bytes()[:4] == b"\x89PNG"
+                                               for f in data["charts"]["files"])
     else:
-        g = shortcut.backward(sets["x"], sets["froms"], sets["weights"], sets["delta"], params,
-                              weight_updates=sets["weight_updates"])
-        arrays = [sets["delta"], g.delta, *g.input_deltas]
-        if sets["weights"] is not None:
-            arrays += [sets["x"], *sets["froms"], sets["weights"], sets["weight_updates"], g.weight_updates]
-    assert bytes_moved(spec, shape, "float32") == sum(a.nbytes for a in arrays)
+        assert "darkspec[bench]" in data["charts"]["reason"]
+
+
+@needs_torch
+def test_the_torch_baselines_compute_what_the_reference_computes(quick_run):
+    """Each baseline passed the check against the reference before it was timed (a failure shows as an error)."""
+    _, _, output = quick_run
+    data = json.loads((output / cli.JSON_NAME).read_text())
+    names = {(r["backend"], r["key"]) for r in data["results"] if r["kind"] == "baseline" and r["gbps"]}
+    for case in cases.QUICK_CASES:
+        assert (contenders.TORCH_EAGER, case.key) in names and (contenders.TORCH_COMPILE, case.key) in names
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The eager-PyTorch baseline computes what the op computes.
+# Only what conforms is timed.
 
 
-@pytest.mark.parametrize("spec", OPS, ids=lambda s: s.key)
-def test_the_torch_eager_baseline_matches_the_reference(spec):
-    torch = pytest.importorskip("torch", reason="the eager baseline needs torch (pip install darkspec[torch])")
-    shape = (2, 16, 4, 6)
-    sets = bench.make_sets(spec, shape, "float64", 2, np.random.default_rng(2))
-    got = bench.torch_eager_call(torch, spec, shape, sets)(1)
-    expected = bench.backend_call(ReferenceBackend(), spec, "darknet-cpu", sets)(1)
-    if spec.pass_ == "forward":
-        assert np.allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
-        return
-    d, input_deltas, updates = got
-    assert np.allclose(d.numpy(), expected.delta)
-    assert len(input_deltas) == len(expected.input_deltas)
-    for a, b in zip(input_deltas, expected.input_deltas):
-        assert np.allclose(a.numpy(), b)
-    if expected.weight_updates is None:
-        assert updates is None
-    else:
-        assert np.allclose(updates.numpy(), expected.weight_updates, rtol=1e-10)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The timer interface, with fixed durations.
-
-
-class FixedTimer(bench.Timer):
+class FixedTimer(Timer):
     """A device whose op calls take 2 ms and whose copy takes 1 ms: every ratio is known in advance."""
 
     name, device = "fixed", "fake-device"
@@ -306,60 +91,168 @@ class TimedReference(ReferenceBackend):
         return FixedTimer()
 
 
-class BrokenReference(ReferenceBackend):
-    name = "broken"
+class SkipsWork(ReferenceBackend):
+    """Returns an output of the right shape without computing it: it would be the fastest of all."""
+
+    name = "skips-work"
+
+    def shortcut_forward(self, x, froms, weights, **settings):
+        return np.zeros_like(x)
+
+
+class Raises(ReferenceBackend):
+    name = "raises"
 
     def reorg_forward(self, x, stride, reverse, old):
         raise RuntimeError("kernel launch failed")
 
 
-PROFILE = replace(bench.PROFILES["quick"], sizes=(TINY,), warmup=1, min_repeats=3, max_repeats=3)
+PROFILE = replace(cases.PROFILES["quick"], sizes=(TINY,), warmup=1, min_repeats=3, max_repeats=3)
+
+
+def measure(backends, **options):
+    return matrix.run_matrix(backends, PROFILE, baselines=False, darknet=False, **options)
 
 
 def test_a_backend_supplies_its_own_timer_and_copy_baseline():
-    report = bench.run_matrix([TimedReference()], PROFILE, dtypes=["float32"], torch_threads=None,
-                               torch_baseline=False)
-    assert report["backends"][0]["timer"] == "fixed"
-    assert len(report["results"]) == len(OPS)
-    for r in report["results"]:
-        assert r["device"] == "cpu" and r["timer"] == "fixed"
-        assert r["time"]["median_s"] == 0.002 and r["time"]["repeats"] == 3
-        assert r["copy"]["median_s"] == 0.001
-        assert r["pct_of_copy"] == pytest.approx(50.0) and r["target"] is None
+    data = measure([TimedReference()])
+    assert data["backends"][0]["timer"] == "fixed"
+    assert len(data["results"]) == len(cases.QUICK_CASES)
+    for r in data["results"]:
+        assert r["timer"] == "fixed" and r["time"]["median_s"] == 0.002 and r["time"]["repeats"] == 3
+        assert r["copy"]["median_s"] == 0.001 and r["pct_of_copy"] == pytest.approx(50.0)
+
+
+def test_a_backend_that_gets_it_wrong_gets_no_figure_only_the_failure():
+    data = measure([SkipsWork(), ReferenceBackend()])
+    wrong = [r for r in data["results"] if r["backend"] == "skips-work" and r["pass"] == "forward"
+             and r["op"] == "shortcut"]
+    assert wrong and all(r["gbps"] is None and r["time"].get("median_s") is None for r in wrong)
+    assert all(r["error"].startswith("wrong result, not timed: output:") for r in wrong)
+    assert all(r["gbps"] for r in data["results"] if r["backend"] == "reference")
+    assert "wrong result, not timed" in "\n".join(report.notes(data))
 
 
 def test_a_failing_backend_is_reported_in_its_cell_not_raised():
-    report = bench.run_matrix([BrokenReference()], PROFILE, dtypes=["float32"], torch_threads=None,
-                               torch_baseline=False)
-    broken = [r for r in report["results"] if r["op"] == "reorg3d"]
-    assert len(broken) == 2 and all("kernel launch failed" in r["error"] for r in broken)
-    assert all(r["error"] is None for r in report["results"] if r["op"] == "shortcut")
-    text = bench.table(report) + "\n".join(bench.notes(report))
-    assert "kernel launch failed" in text
+    data = measure([Raises()])
+    broken = [r for r in data["results"] if r["op"] != "shortcut"]
+    assert broken and all("kernel launch failed" in r["error"] for r in broken)
+    assert all(r["error"] is None for r in data["results"] if r["op"] == "shortcut")
+    assert "kernel launch failed" in "\n".join(report.notes(data)) and "error" in report.table(data)
 
 
 def test_sizes_that_an_op_refuses_are_skipped_with_the_reason():
-    profile = replace(PROFILE, sizes=((1, 4, 8, 8),))  # reorg3d reverse=1 needs C % 16 == 0
-    report = bench.run_matrix([ReferenceBackend()], profile, dtypes=["float32"],
-                              ops=[OPS[0], OPS[-1]], torch_threads=None, torch_baseline=False)
-    assert [r["key"] for r in report["results"]] == [OPS[0].key]
-    assert report["skipped"][0]["op"] == OPS[-1].key and "reorg3d-reverse-channels" in report["skipped"][0]["reason"]
+    profile = replace(PROFILE, sizes=((1, 4, 7, 8),))
+    data = matrix.run_matrix([ReferenceBackend()], profile, baselines=False, darknet=False,
+                             case_filter=lambda c: c.op != "shortcut")
+    assert data["results"] == [] and {s["key"] for s in data["skipped"]} == {c.key for c in cases.QUICK_CASES
+                                                                            if c.op != "shortcut"}
+    assert all("reorg-size-not-divisible" in s["reason"] for s in data["skipped"])
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Options.
+# Compare mode.
 
 
-def test_sizes_are_parsed_and_bad_ones_refused():
-    assert bench.parse_size("8x256x52x52") == (8, 256, 52, 52)
+def _report_of(*rows):
+    results = [{"backend": b, "key": "k", "label": "op", "shape": [1, 2, 3, 4], "dtype": "float32",
+                "case_threads": 1, "gbps": None if t is None else 1.0,
+                "time": {} if t is None else {"median_s": t, "spread": s},
+                "copy": {"median_s": 1.0, "spread": 0.0}} for b, t, s in rows]
+    return {"results": results}
+
+
+def test_compare_flags_a_slowdown_beyond_the_spread_and_not_one_within_it():
+    old = _report_of(("a", 1.0, 0.1), ("b", 1.0, 0.1), ("c", 1.0, 0.1))
+    new = _report_of(("a", 1.3, 0.1), ("b", 1.05, 0.1), ("c", 0.5, 0.1))
+    verdicts = {c.backend: c.verdict for c in report.compare_reports(old, new)}
+    assert verdicts == {"a": "regression", "b": "same", "c": "faster"}
+
+
+def test_a_backend_or_case_that_vanished_or_now_fails_is_a_regression():
+    old = _report_of(("gone", 1.0, 0.1), ("fails", 1.0, 0.1), ("same", 1.0, 0.1))
+    new = _report_of(("fails", None, 0.0), ("same", 1.0, 0.1), ("added", 1.0, 0.1))
+    changes = {c.backend: c for c in report.compare_reports(old, new)}
+    assert {b: c.verdict for b, c in changes.items()} == {"fails": "failed", "same": "same", "added": "new",
+                                                         "gone": "missing"}
+    assert [b for b, c in changes.items() if report.is_regression(c)] == ["fails", "gone"]
+
+
+def test_compare_relative_to_copy_forgives_a_machine_that_is_slower_as_a_whole():
+    old, new = _report_of(("a", 1.0, 0.05)), _report_of(("a", 2.0, 0.05))
+    new["results"][0]["copy"]["median_s"] = 2.0
+    assert report.compare_reports(old, new)[0].verdict == "regression"
+    assert report.compare_reports(old, new, relative_to_copy=True)[0].verdict == "same"
+
+
+def test_compare_mode_exit_status_only_with_fail_on_regression(quick_run, tmp_path):
+    _, _, output = quick_run
+    saved = json.loads((output / cli.JSON_NAME).read_text())
+    vanished = copy.deepcopy(saved)
+    vanished["results"] = [r for r in vanished["results"] if r["backend"] != "reference"]
+    current = tmp_path / "current.json"
+    current.write_text(json.dumps(vanished))
+    options = dict(compare_with=output / cli.JSON_NAME, current=current, out=io.StringIO())
+    assert cli.run(**options) == 0
+    text = io.StringIO()
+    assert cli.run(**{**options, "out": text}, fail_on_regression=True) == 1
+    assert "MISSING" in text.getvalue()
+
+
+def test_compare_refuses_a_file_that_is_not_a_bench_report(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema": "something else"}))
+    with pytest.raises(DarkspecError, match="bad-baseline"):
+        report.load_report(bad)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Options and the bytes rule.
+
+
+def test_sizes_cases_and_threads_are_checked():
+    assert cases.parse_size("8x256x52x52") == (8, 256, 52, 52)
     for bad in ("8x256x52", "8x256x0x52", "axbxcxd"):
         with pytest.raises(DarkspecError, match="bad-size"):
-            bench.parse_size(bad)
-    assert bench.main(["--size", "1x2x3"]) == 2
+            cases.parse_size(bad)
+    assert cli.main(["--size", "1x2x3"]) == 2
+    assert cli.main(["--quick", "--case", "no-such-case"]) == 2
+    assert cli.main(["--quick", "--threads", "0"]) == 2
 
 
 def test_rotation_sets_cover_twice_the_cache_within_the_bounds():
-    profile = bench.PROFILES["full"]
-    assert bench.rotation_sets(10 << 20, profile, 100 << 20) == 20
-    assert bench.rotation_sets(1 << 10, profile, 100 << 20) == profile.max_sets
-    assert bench.rotation_sets(1 << 30, profile, 100 << 20) == 2
+    profile = cases.PROFILES["full"]
+    assert cases.rotation_sets(10 << 20, profile, 100 << 20) == 16
+    assert cases.rotation_sets(100 << 20, profile, 100 << 20) == 2
+    assert cases.rotation_sets(1 << 30, profile, 100 << 20) == 2
+
+
+@pytest.mark.parametrize("dtype, itemsize", [("float32", 4), ("float64", 8)])
+def test_bytes_moved_formulas(dtype, itemsize):
+    shape = (2, 3, 4, 5)
+    t = 2 * 3 * 4 * 5
+    assert bytes_moved(Case("shortcut", "forward", 1), shape, dtype) == 3 * t * itemsize
+    assert bytes_moved(Case("shortcut", "forward", 3, "per_channel", "softmax"), shape, dtype) == \
+        (5 * t + 4 * 3) * itemsize
+    # backward, linear, no weights: the output's gradient read, two input gradients written
+    assert bytes_moved(Case("shortcut", "backward", 1), shape, dtype) == 3 * t * itemsize
+    # a non-linear activation reads the output too; weights read x and the froms
+    assert bytes_moved(Case("shortcut", "backward", 1, activation="leaky"), shape, dtype) == 4 * t * itemsize
+    assert bytes_moved(Case("shortcut", "backward", 2, "per_feature", "relu", "mish"), shape, dtype) == \
+        (2 * t + 3 * t + 3 + 3 * t + 3) * itemsize
+    assert bytes_moved(Case("shortcut", "update", 2, "per_channel"), shape, dtype) == 4 * 9 * itemsize
+    assert bytes_moved(Case("reorg3d", "forward"), shape, dtype) == 2 * t * itemsize
+
+
+def test_every_case_key_is_unique_and_the_full_profile_covers_the_issue():
+    keys = [c.key for c in cases.FULL_CASES]
+    assert len(keys) == len(set(keys))
+    full = cases.FULL_CASES
+    assert {c.activation for c in full} >= {"linear", "leaky", "mish", "logistic"}
+    assert {c.weights_type for c in full} == {"none", "per_feature", "per_channel"}
+    assert {c.n_from for c in full if c.op == "shortcut"} == {1, 2, 3, 4}
+    assert {(c.op, c.pass_) for c in full} == {("shortcut", "forward"), ("shortcut", "backward"),
+                                               ("shortcut", "update"), ("reorg3d", "forward"), ("reorg", "forward")}
+    sizes = cases.PROFILES["full"].sizes
+    assert sizes[0] == (1, 64, 13, 13) and sizes[-1] == (16, 256, 76, 76)
+    assert cases.PROFILES["full"].threads == (1, 2)
