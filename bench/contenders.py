@@ -20,6 +20,8 @@ it is timed (darkspec.bench.matrix).
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
+import os
 import sys
 
 import numpy as np
@@ -281,7 +283,7 @@ class DarknetFunctions:
         header, why_header = find_header(library) if library else (None, why)
         if library is None or header is None:
             raise OSError(why or why_header)
-        self.lib = ctypes.CDLL(str(library), mode=ctypes.DEFAULT_MODE | getattr(__import__("os"), "RTLD_DEEPBIND", 0))
+        self.lib = _load_keeping_the_float_environment(library)
         if api_of(self.lib) != "pjreddie":
             raise OSError(f"{library} is not pjreddie's Darknet: its shortcut_cpu has another signature")
         self.header = Header.read(header.read_text(errors="replace"))
@@ -318,6 +320,19 @@ class DarknetFunctions:
                                    p(outs[i].ctypes.data))
         return Contender(DARKNET, "baseline", CPU_TIMER, run=run, result=lambda i: {"output": outs[i]},
                          dialect="darknet-cpu", path="libdarknet.so through ctypes", threads=1)
+
+
+def _load_keeping_the_float_environment(library):
+    """The library, loaded with the floating-point environment it found: a libdarknet.so built with -Ofast sets
+    flush-to-zero and denormals-are-zero for the whole thread when it is loaded (crtfastmath), which would change
+    every later result in this process."""
+    libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+    environment = ctypes.create_string_buffer(256)  # at least sizeof(fenv_t)
+    libm.fegetenv(environment)
+    try:
+        return ctypes.CDLL(str(library), mode=ctypes.DEFAULT_MODE | getattr(os, "RTLD_DEEPBIND", 0))
+    finally:
+        libm.fesetenv(environment)
 
 
 def load_darknet():

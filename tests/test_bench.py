@@ -57,6 +57,12 @@ def test_the_quick_profile_prints_and_writes_every_case_of_every_contender(quick
         assert "darkspec[bench]" in data["charts"]["reason"]
 
 
+def test_the_run_leaves_subnormal_floats_alone(quick_run):
+    """Loading libdarknet.so (built with -Ofast) turns on flush-to-zero; the bench restores the environment."""
+    tiny = np.finfo(np.float32).smallest_subnormal
+    assert tiny * np.float32(1.0) > 0
+
+
 @needs_torch
 def test_the_torch_baselines_compute_what_the_reference_computes(quick_run):
     """Each baseline passed the check against the reference before it was timed (a failure shows as an error)."""
