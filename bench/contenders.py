@@ -29,7 +29,8 @@ import numpy as np
 from darkspec.bench.cases import UPDATE, Case
 from darkspec.bench.timing import CPU_TIMER, Contender, timer_for
 from darkspec.reference import reorg
-from darkspec.reference.shortcut import NORMALIZATION_EPS, ShortcutGradients, ShortcutParams
+from darkspec.reference.contract import NORMALIZATION_EPS, REORG_DIALECT
+from darkspec.reference.shortcut import ShortcutGradients, ShortcutParams
 
 TORCH_EAGER, TORCH_COMPILE, DARKNET = "torch eager", "torch.compile", "libdarknet"
 #: The [shortcut] dialect a backend is measured in: the first of these it declares for the op, pass and dtype.
@@ -68,7 +69,7 @@ def named(result, pass_: str) -> dict:
 
 
 def capability_for(backend, case: Case, dtype: str):
-    dialects = SHORTCUT_DIALECTS if case.op == "shortcut" else ("darknet",)
+    dialects = SHORTCUT_DIALECTS if case.op == "shortcut" else (REORG_DIALECT,)
     for dialect in dialects:
         found = backend.declared(case.op, dialect, dtype, case.pass_)
         if found:
