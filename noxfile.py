@@ -1,4 +1,4 @@
-"""nox sessions: ``conformance`` (the suite's main job) and ``tests`` (the project's own tests)."""
+"""nox sessions: ``conformance`` (the suite's main job), ``tests`` (the project's own tests) and ``lint``."""
 
 import nox
 
@@ -6,6 +6,9 @@ nox.options.default_venv_backend = "venv"
 nox.options.sessions = ["tests"]
 
 CONSTRAINTS = ("-c", "constraints.txt")
+#: A strict editable install: the package is a tree of links under build/, so the package-dir mapping resolves
+#: statically (mypy, IDEs) and a module that is not in the package cannot be imported by accident.
+STRICT_EDITABLE = ("--config-settings", "editable_mode=strict", "-e")
 
 
 @nox.session
@@ -19,7 +22,7 @@ def conformance(session):
 def tests(session):
     """The test suite, with the oracles (torch, onnx) and the third-party runtimes (onnxruntime, OpenCV) installed.
     Set DARKSPEC_HYPOTHESIS_PROFILE=thorough for a long hypothesis run."""
-    session.install(*CONSTRAINTS, "-e", ".[test,oracles,onnx,opencv]")
+    session.install(*CONSTRAINTS, *STRICT_EDITABLE, ".[test,oracles,onnx,opencv]")
     session.run("pytest", "-n", "2", "-q", *session.posargs)
 
 
@@ -30,3 +33,11 @@ def bench(session):
     measured spread."""
     session.install(*CONSTRAINTS, ".[bench]")
     session.run("python", "-m", "darkspec.bench", *session.posargs)
+
+
+@nox.session
+def lint(session):
+    """ruff over the repository and mypy over the installed package (configuration in pyproject.toml)."""
+    session.install(*CONSTRAINTS, *STRICT_EDITABLE, ".[lint,test,oracles]")
+    session.run("ruff", "check", ".")
+    session.run("mypy", "-p", "darkspec")

@@ -23,6 +23,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
@@ -135,10 +136,11 @@ class WorkerServer:
                                         stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.lock = threading.Lock()  # one case at a time: the server answers in order
         word, _, rest = self._answer().partition(" ")
-        self.api, self.error = (rest, None) if word == "ready" else (None, rest)
+        self.api: str | None = rest if word == "ready" else None
+        self.error: str | None = None if word == "ready" else rest
 
     def _answer(self) -> str:
-        line = self.process.stdout.readline()
+        line = _pipe(self.process.stdout).readline()
         if not line:
             self.process.wait()
             self.log.seek(0)
@@ -149,14 +151,21 @@ class WorkerServer:
     def run(self, job_dir: Path) -> int:
         """The exit status of the case's child (negative: the signal that ended it)."""
         with self.lock:
-            self.process.stdin.write(f"{job_dir}\n")
-            self.process.stdin.flush()
+            stdin = _pipe(self.process.stdin)
+            stdin.write(f"{job_dir}\n")
+            stdin.flush()
             return int(self._answer())
 
     def close(self):
         self.process.stdin.close()
         self.process.wait()
         self.log.close()
+
+
+def _pipe(stream: IO[str] | None) -> IO[str]:
+    if stream is None:  # Popen was given PIPE for it
+        raise RuntimeError("the darknet worker has no pipe")
+    return stream
 
 
 _servers: dict[tuple, WorkerServer] = {}
@@ -208,7 +217,8 @@ def run_worker(server: WorkerServer, job: dict, arrays: dict[str, np.ndarray], s
     with tempfile.TemporaryDirectory(prefix="darkspec-darknet-") as folder:
         job_dir = Path(folder)
         (job_dir / "job.json").write_text(json.dumps({**job, "timeout": TIMEOUT_S}))
-        np.savez(job_dir / "inputs.npz", **{key: np.ascontiguousarray(a, np.float32) for key, a in arrays.items()})
+        inputs: dict[str, Any] = {key: np.ascontiguousarray(a, np.float32) for key, a in arrays.items()}
+        np.savez(job_dir / "inputs.npz", **inputs)
         returncode = server.run(job_dir)
         output = _read(job_dir / "output")
         stage, worker_error = _last_stage(_read(job_dir / "stages"))
@@ -235,7 +245,8 @@ def _read_outputs(job_dir: Path) -> dict[str, np.ndarray]:
 
 def _last_stage(text: str) -> tuple[str, str | None]:
     """The stage that began and did not end (or the one after the last that ended), and any worker error."""
-    begun, ended = [], []
+    begun: list[str] = []
+    ended: list[str] = []
     for line in text.splitlines():
         word, _, rest = line.partition(" ")
         if word == "worker-error":
@@ -292,11 +303,14 @@ class CaseCfg:
     two_d: bool
     input_shape: Shape | None = None
     sections: list[str] = field(default_factory=list)
-    shapes: list[Shape] = field(default_factory=list)
+    shapes: list[Shape | None] = field(default_factory=list)
 
     @property
     def current(self) -> Shape:
-        return self.shapes[-1] if self.shapes else self.input_shape
+        shape = self.shapes[-1] if self.shapes else self.input_shape
+        if shape is None:
+            raise RuntimeError("the cfg has no layer of known shape to build on")
+        return shape
 
     def start(self, shape: Shape):
         c, h, w = shape
@@ -326,6 +340,8 @@ class CaseCfg:
         return self.add(_conv_section(shape[0], size, stride), shape)
 
     def text(self) -> str:
+        if self.input_shape is None:
+            raise RuntimeError("the cfg has no input layer yet")
         c, h, w = self.input_shape
         net = f"[net]\nbatch={self.batch}\nsubdivisions=1\nwidth={w}\nheight={h}\nchannels={c}\n"
         return "\n".join([net, *self.sections])
@@ -422,6 +438,12 @@ class Located:
     api: str | None = None
     reason: str | None = None
 
+    def server(self) -> WorkerServer:
+        """The worker of this library (the backend checked that it was found)."""
+        if self.library is None or self.header is None:
+            raise RuntimeError(f"the darknet backend is unavailable: {self.reason}")
+        return server_for(self.library, self.header)
+
 
 class DarknetBackend(Backend):
     """Real Darknet: pjreddie's (Debian's package) or AlexeyAB's libdarknet.so, whichever is found."""
@@ -433,10 +455,10 @@ class DarknetBackend(Backend):
 
     def locate(self) -> Located:
         library, reason = find_library(self._library)
-        if reason:
+        if library is None:
             return Located(reason=reason)
         header, reason = find_header(library)
-        if reason:
+        if header is None:
             return Located(library, reason=reason)
         api, reason = probe(library, header, _stamp(library, header))
         return Located(library, header, api, reason)
@@ -478,7 +500,7 @@ class DarknetBackend(Backend):
         """Run a case; returns the arrays named in ``reads`` ({name: (layer, buffer)}) and Darknet's layer table."""
         job = _run_job(cfg_text, passes, [f"L{layer}.{buffer}" for layer, buffer in reads.values()], update,
                        after_parse)
-        found = run_worker(server_for(located.library, located.header), job, arrays, section)
+        found = run_worker(located.server(), job, arrays, section)
         unknown = UNKNOWN_ACTIVATION.search(found.output)
         if unknown:
             raise DarkspecError("activation", unknown.group(1), "an activation this Darknet knows (it printed "
@@ -496,7 +518,7 @@ class DarknetBackend(Backend):
         job = _run_job(text, ["forward", "backward"])
         sections = [line.strip() for line in text.splitlines() if line.strip().startswith("[")]
         section = sections[-1] if sections else "(no section)"
-        return run_worker(server_for(located.library, located.header), job, {}, section).result["layers"]
+        return run_worker(located.server(), job, {}, section).result["layers"]
 
     # --- [shortcut] ---
 

@@ -1,11 +1,12 @@
 """The subprocess side of the darknet backend: loads libdarknet.so, parses a cfg with Darknet's own parser and runs
 the last layer's forward, backward or update on buffers written from NumPy arrays.
 
-Run as ``python darknet_worker.py LIBRARY HEADER`` (it imports only the standard library and NumPy): it loads the library once, then forks one
-child per case, so a case that makes Darknet exit, assert or crash ends only that child. Each case is a folder:
-``job.json`` says what to do, ``inputs.npz`` holds the arrays to write (named ``L<i>.<field>``). The child appends a
-line to ``stages`` as it begins and ends each stage, unbuffered, so the parent can tell where Darknet stopped; it
-writes ``result.json`` and ``outputs.npz`` only when every stage finished, and Darknet's output goes to ``output``.
+Run as ``python darknet_worker.py LIBRARY HEADER`` (it imports only the standard library and NumPy): it loads the
+library once, then forks one child per case, so a case that makes Darknet exit, assert or crash ends only that child.
+Each case is a folder: ``job.json`` says what to do, ``inputs.npz`` holds the arrays to write (named ``L<i>.<field>``).
+The child appends a line to ``stages`` as it begins and ends each stage, unbuffered, so the parent can tell where
+Darknet stopped; it writes ``result.json`` and ``outputs.npz`` only when every stage finished, and Darknet's output goes
+to ``output``.
 
 The ``layer`` and ``network`` layouts are read from the library's own ``darknet.h`` and checked against the loaded
 library (``probe``) before any case is run.
@@ -22,6 +23,7 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +48,8 @@ def _preprocess(text: str) -> str:
     """Comments removed, and only the lines of a CPU build without cuDNN: no macro counts as defined."""
     text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
     text = re.sub(r"//[^\n]*", "", text)
-    lines, branches = [], []  # per open #if: [is this branch kept, was any branch kept]
+    lines: list[str] = []
+    branches: list[list[bool]] = []  # per open #if: [is this branch kept, was any branch kept]
     for line in text.splitlines():
         words = line.strip().lstrip("#").split() if line.strip().startswith("#") else None
         if words is None:
@@ -95,7 +98,7 @@ class Header:
         members = self.enums.get(enum, [])
         return members[value] if 0 <= value < len(members) else f"{enum}({value})"
 
-    def struct(self, name: str) -> type:
+    def struct(self, name: str) -> type[ctypes.Structure]:
         """The ctypes Structure of ``struct name`` (or its typedef), fields in the header's order."""
         if name not in self._built:
             if name not in self.bodies:
@@ -112,12 +115,12 @@ class Header:
         if pointer:
             return [(pointer.group(1), ctypes.c_void_p)]
         declaration = _DECLARATION.fullmatch(statement)
-        matches = [_DECLARATOR.fullmatch(d.strip()) for d in declaration.group(2).split(",")] if declaration else [None]
-        if not all(matches):  # arrays, bit fields, anything the backend's structs do not hold
+        matches = [_DECLARATOR.fullmatch(d.strip()) for d in declaration.group(2).split(",")] if declaration else []
+        if declaration is None or not all(matches):  # arrays, bit fields, anything the backend's structs do not hold
             raise LayoutError(f"cannot read the declaration {statement!r} in struct {struct}")
         base = declaration.group(1)
         fields = []
-        for match in matches:
+        for match in filter(None, matches):
             stars, name = match.groups()
             fields.append((name, ctypes.c_void_p if stars else self._type(base, f"{struct}.{name}")))
         return fields
@@ -159,7 +162,7 @@ class Darknet:
         self.api = api_of(self.lib)
         self.Layer = self.header.struct("layer")
         self.Network = self.header.struct("network")
-        self.net = None
+        self.net: Any = None  # the parsed network struct (its type is built from the header)
 
     def parse(self, cfg_path: str):
         parse = _symbol(self.lib, "parse_network_cfg")
@@ -362,7 +365,7 @@ def run(darknet: Darknet, job: dict, job_dir: Path, stages: Stages) -> dict:
     index = darknet.net.n - 1
     for pass_ in job["passes"]:
         stages.run(pass_, lambda: darknet.call(pass_, index, job["update"]))
-    outputs = {key: darknet.buffer(*_address(key)).copy() for key in job["read"]}
+    outputs: dict[str, Any] = {key: darknet.buffer(*_address(key)).copy() for key in job["read"]}
     np.savez(job_dir / "outputs.npz", **outputs)
     return {"layers": darknet.table()}
 

@@ -82,8 +82,8 @@ def gpu_description() -> str | None:
     if shutil.which("nvidia-smi") is None:
         return None
     try:
-        listing = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=30)
+        query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+        listing = subprocess.run(query, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     text = listing.stdout.strip()

@@ -51,7 +51,7 @@ def ulp_distance(a, b) -> np.ndarray:
     """How many representable values lie between a and b (0 for equal values, including +0 and -0)."""
     dtype = np.result_type(a, b)
     if dtype not in (np.float16, np.float32, np.float64):
-        dtype = np.float64
+        dtype = np.dtype(np.float64)
     return np.abs(_ordered(a, dtype) - _ordered(b, dtype))
 
 

@@ -150,7 +150,7 @@ def _shortcut_backward(rng, x, froms, weights, settings, update, updates_scale) 
     # Darknet adds each input's share into that layer's delta.
     for (name, before), share in zip(initial.items(), grads.input_deltas):
         arrays[name.removesuffix("_init")] = before + share
-    if weights is None:
+    if weights is None or grads.weight_updates is None:
         return arrays
     arrays["weight_updates_after_backward"] = grads.weight_updates
     if update:

@@ -79,7 +79,8 @@ class GuardedBackend(Backend):
     def __init__(self, backend: Backend):
         self.backend = backend
         self.name = str(getattr(backend, "name", type(backend).__name__))
-        self._capabilities = self._quirks = None
+        self._capabilities: frozenset[Capability] | None = None
+        self._quirks: frozenset | None = None
 
     def capabilities(self) -> frozenset[Capability]:
         if self._capabilities is None:

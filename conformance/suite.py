@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.strategies import SearchStrategy
 
 from darkspec.backends.base import REORG_DIALECT, Backend, Capability, capability_grid
 from darkspec.backends.reference import ReferenceBackend
@@ -152,7 +153,7 @@ def _check_reorg(backend, capability):
     return check
 
 
-def _property_check(capability: Capability, backend) -> tuple[object, Callable]:
+def _property_check(capability: Capability, backend) -> tuple[SearchStrategy, Callable]:
     """The op record's strategy of valid cases for the capability, and the comparison of one case."""
     if capability.op == "shortcut":
         check = {"forward": _check_shortcut_forward, "backward": _check_shortcut_backward,

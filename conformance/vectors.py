@@ -162,11 +162,11 @@ def _replay(recording: rec.Recording, backend) -> CaseResult:
 def exercised_quirks(network: Network, quirks) -> frozenset[Quirk]:
     """Of the build's quirks, those that change this case's result."""
     layer = network.layers[-1]
-    params = layer.op.params
+    params = layer.shortcut.params
     used = set()
     if Quirk.CPU_FASTPATH_INPUT_DIMS in quirks and params.weights_type == WeightsType.NONE \
-            and len(layer.op.from_layers) == 1:
-        source = network.layers[layer.op.from_layers[0]]
+            and len(layer.shortcut.from_layers) == 1:
+        source = network.layers[layer.shortcut.from_layers[0]]
         if source.input_shape == layer.input_shape != source.output_shape:
             used.add(Quirk.CPU_FASTPATH_INPUT_DIMS)
     if Quirk.CPU_RELU6_ZERO in quirks and params.activation == "relu6":
@@ -228,7 +228,7 @@ def _run_pass(recording, checker: _Checker, crash_status: str, call: Callable[[]
 
 
 def _replay_reorg(recording, network: Network, backend, capability, dialect, quirks) -> CaseResult:
-    op: ReorgSection = network.layers[-1].op
+    op = network.layers[-1].reorg
     checker = _Checker(recording, EXACT)
     arrays = recording.arrays
     done, output = _run_pass(recording, checker, rec.CRASH_IN_FORWARD,
@@ -246,7 +246,7 @@ def _replay_reorg(recording, network: Network, backend, capability, dialect, qui
 
 def _replay_shortcut(recording, network: Network, backend, capability, dialect, quirks) -> CaseResult:
     layer = network.layers[-1]
-    op = layer.op
+    op = layer.shortcut
     arrays = recording.arrays
     x = arrays["x"]
     froms = [arrays[f"from{i}"] for i in range(len(op.from_layers))]

@@ -26,9 +26,8 @@ from darkspec.errors import DarkspecError
 from darkspec.reference import activations, reorg
 from darkspec.reference.dialects import Dialect, parse_dialect
 from darkspec.reference.network import ReorgSection, parse_network
+from darkspec.reference.contract import NORMALIZATION_EPS, relu_floor_of
 from darkspec.reference.shortcut import (
-    NORMALIZATION_EPS,
-    RELU_FLOOR,
     Normalization,
     ShortcutParams,
     check_activation,
@@ -36,6 +35,7 @@ from darkspec.reference.shortcut import (
     fold_weights,
     pjreddie_index_map,
     prn_overlap,
+    weight_count,
     weights_per_input,
 )
 
@@ -232,7 +232,7 @@ def _normalized_rows(g: _Graph, weights, params: ShortcutParams, dialect: Dialec
         peak = g.op("ReduceMax", table, g.int64([0]), keepdims=1)
         phi = g.op("Exp", g.op("Sub", table, peak))
     elif normalization == Normalization.RELU:
-        floor = RELU_FLOOR if dialect == Dialect.DARKNET_GPU else None
+        floor = relu_floor_of(dialect)
         phi = g.op("Relu", table) if floor is None else g.op("Max", table, g.const(floor))
     else:
         phi = table
@@ -285,7 +285,8 @@ def _pjreddie_sum(g: _Graph, x_shape, from_shape, params: ShortcutParams) -> str
 
 
 def shortcut_model(params: ShortcutParams, input_shapes: Sequence[Sequence[int]], weights=None,
-                   dialect: Dialect | str = Dialect.DARKNET_CPU, dtype=np.float32, name: str = "shortcut") -> onnx.ModelProto:
+                   dialect: Dialect | str = Dialect.DARKNET_CPU, dtype=np.float32,
+                   name: str = "shortcut") -> onnx.ModelProto:
     """The ONNX model of one ``[shortcut]``: ``input_shapes`` are the NCHW shapes of the previous layer and then of
     each ``from=`` layer; ``weights`` the layer's flat weights (Darknet's layout), None without weights.
 
@@ -353,10 +354,10 @@ def cfg_models(cfg_text: str, weights: dict[int, np.ndarray] | None = None,
             models[layer.index] = reorg_model((batch, *layer.input_shape), layer.op.stride, layer.op.reverse,
                                               layer.op.old, dtype, name=f"layer{layer.index}_{layer.type}")
         elif layer.type == "shortcut":
-            op = layer.op
+            op = layer.shortcut
             shapes = [(batch, *layer.input_shape)] + [(batch, *network.layers[i].output_shape)
                                                       for i in op.from_layers]
-            count = weights_per_input(op.params.weights_type, layer.input_shape[0]) * (len(op.from_layers) + 1)
+            count = weight_count(op.params.weights_type, len(op.from_layers), layer.input_shape[0])
             layer_weights = weights.get(layer.index, np.ones(count, dtype=dtype)) if count else None
             models[layer.index] = shortcut_model(op.params, shapes, layer_weights, dialect, dtype,
                                                  name=f"layer{layer.index}_shortcut")

@@ -116,7 +116,7 @@ def check_keys(section: Section, index: int, allowed: frozenset[str]) -> None:
             )
 
 
-def int_option(section: Section, index: int, key: str, default: int) -> int:
+def int_option(section: Section, index: int | None, key: str, default: int) -> int:
     """An integer option. A ``#`` after the digits starts a comment (Darknet's atoi stops there too; real cfgs
     write ``filters=40#32``)."""
     value = section.options.get(key)

@@ -43,6 +43,20 @@ class Layer:
     section: Section = field(repr=False)
     op: ShortcutSection | ReorgSection | None = None
 
+    @property
+    def shortcut(self) -> ShortcutSection:
+        """The settings of a [shortcut] layer."""
+        if not isinstance(self.op, ShortcutSection):
+            raise TypeError(f"layer {self.index} is a [{self.type}], not a [shortcut]")
+        return self.op
+
+    @property
+    def reorg(self) -> ReorgSection:
+        """The settings of a [reorg3d] or [reorg] layer."""
+        if not isinstance(self.op, ReorgSection):
+            raise TypeError(f"layer {self.index} is a [{self.type}], not a reorg")
+        return self.op
+
 
 @dataclass(frozen=True)
 class Network:
@@ -145,7 +159,8 @@ def parse_network(text: str, library: str = "alexeyab") -> Network:
             deviations.update(layer.op.deviations)
         layers.append(layer)
         shape = layer.output_shape
-    if library == "alexeyab" and layers and not any(l.input_shape[1] > 1 and l.input_shape[2] > 1 for l in layers):
+    two_d = any(layer.input_shape[1] > 1 and layer.input_shape[2] > 1 for layer in layers)
+    if library == "alexeyab" and layers and not two_d:
         # AlexeyAB's parser averages the outputs of layers with w > 1 and h > 1 and divides by their count.
         deviations.add("darknet-no-2d-layer")
     return Network(shape_of_input(net), batch, tuple(layers), tuple(sorted(deviations)))

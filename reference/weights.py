@@ -108,7 +108,8 @@ def layer_blocks(layer: Layer) -> tuple[Block, ...]:
         channels = layer.input_shape[0]
         return tuple(Block(name, channels) for name in ("biases", "scales", "rolling_mean", "rolling_variance"))
     if layer.type == "shortcut":
-        count = weight_count(layer.op.params.weights_type, len(layer.op.from_layers), layer.output_shape[0])
+        op = layer.shortcut
+        count = weight_count(op.params.weights_type, len(op.from_layers), layer.output_shape[0])
         return (Block("weights", count),) if count else ()
     return ()
 

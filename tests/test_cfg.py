@@ -425,6 +425,6 @@ def test_real_model_cfgs_parse(path):
 @pytest.mark.skipif(not REAL_CFGS.is_dir(), reason="the shared real-cfg folder is not beside the project")
 def test_yolov3_tiny_prn_has_prn_shortcuts_with_unequal_channels():
     net = parse_network((REAL_CFGS / "yolov3-tiny-prn.cfg").read_text())
-    unequal = [l for l in net.layers if l.type == "shortcut"
-               and any(net.layers[i].output_shape[0] != l.input_shape[0] for i in l.op.from_layers)]
+    unequal = [layer for layer in net.layers if layer.type == "shortcut"
+               and any(net.layers[i].output_shape[0] != layer.input_shape[0] for i in layer.shortcut.from_layers)]
     assert unequal

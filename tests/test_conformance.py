@@ -104,7 +104,8 @@ def test_the_out_of_tree_example_backend_works_as_the_readme_says(tmp_path):
          "--golden", str(GOLDEN), "--report-dir", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    rows = {line.split()[0]: line.split()[1] for line in done.stdout.splitlines()[2:] if line.startswith(("shortcut", "reorg"))}
+    rows = {line.split()[0]: line.split()[1] for line in done.stdout.splitlines()[2:]
+            if line.startswith(("shortcut", "reorg"))}
     assert rows.pop("shortcut/darknet-cpu/forward") == "pass"
     assert set(rows.values()) == {"unsupported"}
 

@@ -217,7 +217,8 @@ def test_real_cfgs_export_every_fusion_layer():
     exported = 0
     for path in sorted(REAL_CFGS.glob("*.cfg")):
         # resnet50.cfg is pjreddie's: its strided shortcuts follow pjreddie's spatial rule (tests/test_cfg.py)
-        library, dialect = ("pjreddie", "pjreddie") if path.name == "resnet50.cfg" else ("alexeyab", "darknet-inference")
+        pjreddie = path.name == "resnet50.cfg"
+        library, dialect = ("pjreddie", "pjreddie") if pjreddie else ("alexeyab", "darknet-inference")
         network = parse_network(path.read_text(), library)
         fusion = [layer.index for layer in network.layers if layer.type in ("shortcut", "reorg3d", "reorg")]
         models = export.cfg_models(path.read_text(), dialect=dialect, library=library, batch=1)

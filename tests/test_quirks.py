@@ -229,9 +229,9 @@ def test_fastpath_reproduces_recording_fastpath_equal_shapes():
 @pytest.mark.skipif(not REAL_CFGS.is_dir(), reason="the shared real-cfg folder is not beside the project")
 def test_yolov3_tiny_prn_shortcuts_22_and_25_take_the_fast_path_and_are_wrong_from_sample_1():
     net = parse_network((REAL_CFGS / "yolov3-tiny-prn.cfg").read_text())
-    fast = [l for l in net.layers if l.type == "shortcut" and len(l.op.from_layers) == 1
-            and net.layers[l.op.from_layers[0]].input_shape == l.input_shape]
-    assert [(l.index, l.op.from_layers) for l in fast] == [(22, (8,)), (25, (8,))]
+    fast = [layer for layer in net.layers if layer.type == "shortcut" and len(layer.shortcut.from_layers) == 1
+            and net.layers[layer.shortcut.from_layers[0]].input_shape == layer.input_shape]
+    assert [(layer.index, layer.shortcut.from_layers) for layer in fast] == [(22, (8,)), (25, (8,))]
     source = net.layers[8]
     assert fast[0].input_shape == source.input_shape == (128, 26, 26) and source.output_shape == (256, 26, 26)
 
