@@ -78,7 +78,8 @@ _MOVE_SUFFIX = {1: "u8", 2: "u16", 4: "u32", 8: "u64"}
 
 def kernel_source(filename: str) -> str:
     """The CUDA source of one kernel file, as shipped with the package."""
-    return importlib.resources.files("darkspec.backends").joinpath("kernels", filename).read_text(encoding="utf-8")
+    kernels = importlib.resources.files("darkspec.backends").joinpath("kernels")
+    return kernels.joinpath(filename).read_text(encoding="utf-8")
 
 
 def kernel_names() -> dict[str, list[str]]:
@@ -256,19 +257,15 @@ def _shortcut_settings(x, froms, weights, params, dialect, quirks, from_input_sh
     return _Shortcut(x, froms, weights, params, dialect, quirks, fastpath)
 
 
-def _backward_settings(x, froms, weights, delta, params, dialect, quirks, from_input_shapes):
-    """The reference's checks of a backward, in its order."""
+def _backward_settings(x, froms, weights, delta, weight_updates, params, dialect, quirks, from_input_shapes):
+    """The reference's checks of a backward, in its order: (settings, delta, weight_updates)."""
     require_pass("shortcut", dialect, "backward")
     op = _shortcut_settings(x, froms, weights, params, dialect, quirks, from_input_shapes)
-    delta = np.asarray(delta)
-    if delta.shape != op.x.shape or delta.dtype != op.x.dtype:
-        raise DarkspecError(
-            "delta", f"{delta.dtype}{list(delta.shape)}", f"{op.x.dtype}{list(op.x.shape)}, like x", code="bad-shape"
-        )
+    delta, weight_updates = shortcut.check_backward_inputs(op.x, op.weights, delta, weight_updates)
     # The reference's own refusals of the activation gradient (names whose backward aborts).
     empty = np.zeros(0, op.dtype)
     shortcut.activation_factor(empty, empty, op.params, op.dialect, op.quirks)
-    return op, delta
+    return op, delta, weight_updates
 
 
 class DeviceShortcut:
@@ -432,7 +429,8 @@ class CupyBackend(Backend):
 
     def shortcut_backward(self, x, froms, weights, delta, *, params=ShortcutParams(), dialect=Dialect.DARKNET_CPU,
                           quirks=frozenset(), weight_updates=None, from_input_shapes=None):
-        op, delta = _backward_settings(x, froms, weights, delta, params, dialect, quirks, from_input_shapes)
+        op, delta, weight_updates = _backward_settings(x, froms, weights, delta, weight_updates, params, dialect,
+                                                           quirks, from_input_shapes)
         if op.dialect == Dialect.PJREDDIE:
             return self._pjreddie(op, delta)
         call = DeviceShortcut(self, op, delta, weight_updates)
@@ -447,7 +445,8 @@ class CupyBackend(Backend):
         if delta is None:
             op = _shortcut_settings(x, froms, weights, params, dialect, quirks, from_input_shapes)
         else:
-            op, delta = _backward_settings(x, froms, weights, delta, params, dialect, quirks, from_input_shapes)
+            op, delta, weight_updates = _backward_settings(x, froms, weights, delta, weight_updates, params,
+                                                           dialect, quirks, from_input_shapes)
         if op.dialect == Dialect.PJREDDIE:
             raise DarkspecError("dialect", op.dialect.value, "an AlexeyAB dialect for a prepared call",
                                 code="pass-not-in-dialect")
@@ -511,6 +510,7 @@ class CupyBackend(Backend):
         w_d, u_d = run.to_device(weights.reshape(-1)), run.to_device(weight_updates.reshape(-1))
         n = weights.size
         suffix = _FLOAT_SUFFIX[weights.dtype]
+        args: tuple
         if step.repair_and_clip:
             args = (w_d, u_d, np.int64(n), step.rate, step.momentum)
             name = f"shortcut_update_gpu_{suffix}"

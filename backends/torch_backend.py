@@ -19,14 +19,19 @@ import torch
 from darkspec.backends.base import Backend, Prepared, capability_grid
 from darkspec.errors import DarkspecError
 from darkspec.reference import reorg as reorg_reference
-from darkspec.reference.activations import ALEXEYAB_NAMES, PJREDDIE_NAMES, SHORTCUT_UNEVALUATED
 from darkspec.reference.contract import NORMALIZATION_EPS, relu_floor_of, require_pass
-from darkspec.reference.dialects import Dialect, parse_dialect
+from darkspec.reference.dialects import Dialect, parse_dialect, parse_quirks
 from darkspec.reference.shortcut import (
     Normalization,
     ShortcutGradients,
     ShortcutParams,
     UpdateParams,
+    check_activation,
+    check_backward_inputs,
+    check_inputs,
+    check_pjreddie,
+    check_update_inputs,
+    cpu_quirks,
     pjreddie_index_map,
     update_step,
     weight_count,
@@ -142,14 +147,6 @@ FORWARD_INPLACE = {
 
 #: The GPU kernel divides revleaky's delta by leaky's factor instead of multiplying.
 GPU_DARKNET_FACTOR = {**DARKNET_FACTOR, "revleaky": _step(lambda y: y > 0, 1.0, 10.0)}
-
-
-def check_activation(name: str, dialect: Dialect):
-    names = PJREDDIE_NAMES if dialect == Dialect.PJREDDIE else ALEXEYAB_NAMES
-    if name not in names or name in SHORTCUT_UNEVALUATED:
-        evaluated = [n for n in names if n not in SHORTCUT_UNEVALUATED]
-        raise DarkspecError("activation", name, ", ".join(evaluated), code="unknown-activation",
-                            reason="the torch backend implements the activations [shortcut] evaluates")
 
 
 # --- weights: normalization and the surrogate gradients -------------------------------------------------------------
@@ -323,7 +320,7 @@ class WeightedShortcut(torch.nn.Module):
         super().__init__()
         self.params = ShortcutParams(weights_type, weights_normalization, activation, alpha, beta)
         self.dialect = parse_dialect(dialect)
-        check_activation(activation, self.dialect)
+        check_activation(self.params, self.dialect, frozenset())  # the reference's refusal, with its code
         self.n_from, self.channels = n_from, channels
         count = weight_count(self.params.weights_type, n_from, channels)
         self.weight = torch.nn.Parameter(torch.ones(count)) if count else None
@@ -440,11 +437,23 @@ class TorchBackend(Backend):
     def _tensor(self, array, grad=False):
         return torch.tensor(np.asarray(array), device=self.device, requires_grad=grad)
 
-    def _module(self, x, froms, weights, params, dialect) -> WeightedShortcut:
+    def _checked(self, pass_, x, froms, weights, params, dialect, quirks):
+        """The reference's refusals of a [shortcut] call, before any tensor exists; (x, froms, weights) as arrays.
+        The modules reproduce none of Darknet's quirks: a case that needs one is refused."""
         dialect = parse_dialect(dialect)
-        if dialect != Dialect.PJREDDIE and any(f.shape[2:] != x.shape[2:] for f in froms):
-            raise DarkspecError("froms spatial size", [f.shape[2:] for f in froms], f"{x.shape[2:]}, like x",
-                                code="spatial-mismatch")
+        require_pass("shortcut", dialect, pass_)
+        quirks = cpu_quirks(parse_quirks(quirks), dialect)
+        x, froms, weights = check_inputs(x, froms, weights, params, dialect)
+        check_activation(params, dialect, quirks)
+        if quirks:
+            raise DarkspecError("quirks", sorted(q.value for q in quirks), "none (the torch backend reproduces no "
+                                "quirk; see its quirks())", code="unknown-quirk")
+        if dialect == Dialect.PJREDDIE:
+            check_pjreddie(froms, weights)
+            pjreddie_index_map(froms[0].shape, x.shape)
+        return x, froms, weights
+
+    def _module(self, x, froms, weights, params, dialect) -> WeightedShortcut:
         module = WeightedShortcut(len(froms), x.shape[1], params.weights_type, params.weights_normalization,
                                   params.activation, dialect, params.alpha, params.beta)
         module = module.to(device=self.device, dtype=self._tensor(np.empty(0, x.dtype)).dtype)
@@ -453,12 +462,16 @@ class TorchBackend(Backend):
                 module.weight.copy_(self._tensor(weights))
         return module
 
-    def shortcut_forward(self, x, froms, weights, *, params, dialect, **_):
+    def shortcut_forward(self, x, froms, weights, *, params, dialect, quirks=frozenset(), **_):
+        x, froms, weights = self._checked("forward", x, froms, weights, params, dialect, quirks)
         module = self._module(x, froms, weights, params, dialect)
         with torch.no_grad():
             return module(self._tensor(x), *(self._tensor(f) for f in froms)).cpu().numpy()
 
-    def shortcut_backward(self, x, froms, weights, delta, *, params, dialect, weight_updates=None, **_):
+    def shortcut_backward(self, x, froms, weights, delta, *, params, dialect, quirks=frozenset(), weight_updates=None,
+                          **_):
+        x, froms, weights = self._checked("backward", x, froms, weights, params, dialect, quirks)
+        delta, weight_updates = check_backward_inputs(x, weights, delta, weight_updates)
         module = self._module(x, froms, weights, params, dialect)
         settings = module.settings()
         inputs = [self._tensor(a, grad=True) for a in (x, *froms)]
@@ -503,6 +516,7 @@ class TorchBackend(Backend):
         return torch.from_numpy(array).to(self.device)
 
     def shortcut_update(self, weights, weight_updates, hyper, dialect):
+        weights, weight_updates, dialect = check_update_inputs(weights, weight_updates, hyper, dialect)
         w, wu = self._tensor(weights), self._tensor(weight_updates)
         darknet_update_(w, wu, hyper, dialect)
         return w.cpu().numpy(), wu.cpu().numpy()
@@ -513,8 +527,9 @@ class TorchBackend(Backend):
 
     def reorg_backward(self, delta, stride, reverse, old, previous_delta):
         # The gradient of the gather is its inverse permutation: the previous delta is overwritten, as in Darknet.
-        x = torch.zeros(np.shape(previous_delta), dtype=self._tensor(delta).dtype, device=self.device,
-                        requires_grad=True)
+        variant = reorg_reference.REORG_OLD if old else reorg_reference.REORG3D
+        plan = reorg_reference.plan_from_output(variant, np.shape(delta), stride, reverse)  # the reference's refusals
+        x = torch.zeros(plan.in_shape, dtype=self._tensor(delta).dtype, device=self.device, requires_grad=True)
         (ReorgOld if old else Reorg3d)(stride, reverse)(x).backward(self._tensor(delta))
         return x.grad.cpu().numpy()
 

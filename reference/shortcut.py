@@ -210,6 +210,23 @@ def check_inputs(x, froms, weights, params: ShortcutParams, dialect: Dialect):
     return x, froms, weights
 
 
+def check_backward_inputs(x, weights, delta, weight_updates):
+    """The refusals a backward adds to check_inputs' (on its results): a delta like x, and a weight-update
+    accumulator (if given) like the weights; returns (delta, weight_updates) as arrays."""
+    delta = np.asarray(delta)
+    if delta.shape != x.shape or delta.dtype != x.dtype:
+        raise DarkspecError(
+            "delta", f"{delta.dtype}{list(delta.shape)}", f"{x.dtype}{list(x.shape)}, like x", code="bad-shape"
+        )
+    if weight_updates is None or weights is None:
+        return delta, None
+    weight_updates = np.asarray(weight_updates)
+    if weight_updates.shape != weights.shape or weight_updates.dtype != weights.dtype:
+        raise DarkspecError("weight_updates", f"{weight_updates.dtype}{list(weight_updates.shape)}",
+                            f"{weights.dtype}{list(weights.shape)}, like weights", code="bad-shape")
+    return delta, weight_updates
+
+
 def check_activation(params: ShortcutParams, dialect: Dialect, quirks) -> None:
     """Refuse an activation the dialect's Darknet lacks, or one [shortcut] does not evaluate (unless a quirk asks)."""
     activations.check_name(params.activation, library_of(dialect))
@@ -376,11 +393,7 @@ def backward(
     require_pass("shortcut", dialect, "backward")
     x, froms, weights = check_inputs(x, froms, weights, params, dialect)
     check_activation(params, dialect, quirks)
-    delta = np.asarray(delta)
-    if delta.shape != x.shape or delta.dtype != x.dtype:
-        raise DarkspecError(
-            "delta", f"{delta.dtype}{list(delta.shape)}", f"{x.dtype}{list(x.shape)}, like x", code="bad-shape"
-        )
+    delta, weight_updates = check_backward_inputs(x, weights, delta, weight_updates)
     if dialect == Dialect.PJREDDIE:
         return _pjreddie_backward(x, froms, delta, params, quirks)
 
@@ -480,7 +493,8 @@ def _exact_weight_gradient(terms, table, what, params):
 # --- update -----------------------------------------------------------------------------------------------------
 
 
-def check_update_inputs(weights, weight_updates, hyper: UpdateParams, dialect):
+def check_update_inputs(weights, weight_updates, hyper: UpdateParams,
+                        dialect) -> tuple[np.ndarray, np.ndarray, Dialect]:
     """The refusals of an update step, for every implementation: returns (weights, weight_updates, dialect)."""
     dialect = parse_dialect(dialect)
     weights = np.asarray(weights)

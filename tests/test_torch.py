@@ -133,10 +133,10 @@ def test_reorg_modules_are_the_reference_permutations_both_ways(module, forward,
     assert np.array_equal(x.grad.numpy(), backward(grad.numpy(), 2, reverse))
 
 
-def test_unevaluated_activations_are_refused():
+def test_unevaluated_activations_are_refused_with_the_specs_code():
     with pytest.raises(DarkspecError) as raised:
         WeightedShortcut(1, 3, activation="hard_mish")
-    assert raised.value.code == "unknown-activation"
+    assert raised.value.code == "activation-not-evaluated"
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swish", "mish"])
