@@ -33,8 +33,8 @@ import darkspec
 from darkspec.backends.base import Backend, Prepared, capability_grid
 from darkspec.errors import DarkspecError
 from darkspec.reference import activations, reorg, shortcut
-from darkspec.reference.contract import NORMALIZATION_EPS, RELU_FLOOR, relu_floor_of, require_pass
-from darkspec.reference.dialects import Dialect, Quirk, parse_dialect, parse_quirks
+from darkspec.reference.contract import NORMALIZATION_EPS, RELU_FLOOR, relu_floor_of
+from darkspec.reference.dialects import Dialect, Quirk
 from darkspec.reference.shortcut import (
     Normalization,
     ShortcutGradients,
@@ -243,12 +243,9 @@ class _Shortcut:
                 np.int32(zero))
 
 
-def _shortcut_settings(x, froms, weights, params, dialect, quirks, from_input_shapes) -> _Shortcut:
+def _shortcut_settings(pass_, x, froms, weights, params, dialect, quirks, from_input_shapes) -> _Shortcut:
     """The reference's checks, then what the kernels need."""
-    dialect = parse_dialect(dialect)
-    quirks = shortcut.cpu_quirks(parse_quirks(quirks), dialect)
-    x, froms, weights = shortcut.check_inputs(x, froms, weights, params, dialect)
-    shortcut.check_activation(params, dialect, quirks)
+    x, froms, weights, dialect, quirks = shortcut.check_call(pass_, x, froms, weights, params, dialect, quirks)
     if len(froms) + 1 > MAX_INPUTS:
         raise DarkspecError("from", f"{len(froms)} layers", f"at most {MAX_INPUTS - 1} from layers in the cupy backend",
                             code="cupy-too-many-inputs")
@@ -259,8 +256,7 @@ def _shortcut_settings(x, froms, weights, params, dialect, quirks, from_input_sh
 
 def _backward_settings(x, froms, weights, delta, weight_updates, params, dialect, quirks, from_input_shapes):
     """The reference's checks of a backward, in its order: (settings, delta, weight_updates)."""
-    require_pass("shortcut", dialect, "backward")
-    op = _shortcut_settings(x, froms, weights, params, dialect, quirks, from_input_shapes)
+    op = _shortcut_settings("backward", x, froms, weights, params, dialect, quirks, from_input_shapes)
     delta, weight_updates = shortcut.check_backward_inputs(op.x, op.weights, delta, weight_updates)
     # The reference's own refusals of the activation gradient (names whose backward aborts).
     empty = np.zeros(0, op.dtype)
@@ -420,7 +416,7 @@ class CupyBackend(Backend):
 
     def shortcut_forward(self, x, froms, weights=None, *, params=ShortcutParams(), dialect=Dialect.DARKNET_CPU,
                          quirks=frozenset(), from_input_shapes=None):
-        op = _shortcut_settings(x, froms, weights, params, dialect, quirks, from_input_shapes)
+        op = _shortcut_settings("forward", x, froms, weights, params, dialect, quirks, from_input_shapes)
         if op.dialect == Dialect.PJREDDIE:
             return self._pjreddie(op, None)
         call = DeviceShortcut(self, op)
@@ -443,7 +439,7 @@ class CupyBackend(Backend):
         """One [shortcut] call with its arrays already on the device: ``forward()`` and ``backward()`` then only
         launch kernels (asynchronously), for timing. The AlexeyAB dialects only."""
         if delta is None:
-            op = _shortcut_settings(x, froms, weights, params, dialect, quirks, from_input_shapes)
+            op = _shortcut_settings("forward", x, froms, weights, params, dialect, quirks, from_input_shapes)
         else:
             op, delta, weight_updates = _backward_settings(x, froms, weights, delta, weight_updates, params,
                                                            dialect, quirks, from_input_shapes)
@@ -473,9 +469,7 @@ class CupyBackend(Backend):
 
     def _pjreddie(self, op: _Shortcut, delta):
         """pjreddie's two-input shortcut: forward (delta None) or backward."""
-        shortcut.check_pjreddie(op.froms, op.weights)
         source = op.froms[0]
-        shortcut.pjreddie_index_map(source.shape, op.x.shape)  # refuses unequal height and width ratios
         run = self._run()
         x = op.x
         dtype = x.dtype.type

@@ -30,6 +30,7 @@ import numpy as np
 from darkspec.backends.base import REORG_DIALECT, Backend, BackendCrashed, capability_grid
 from darkspec.errors import DarkspecError
 from darkspec.reference.dialects import Dialect, Quirk
+from darkspec.reference import reorg, shortcut
 from darkspec.reference.shortcut import Normalization, ShortcutGradients, ShortcutParams, WeightsType, weight_count
 
 ENV_LIBRARY = "DARKSPEC_DARKNET_LIB"
@@ -446,12 +447,17 @@ class Located:
 
 
 class DarknetBackend(Backend):
-    """Real Darknet: pjreddie's (Debian's package) or AlexeyAB's libdarknet.so, whichever is found."""
+    """Real Darknet: pjreddie's (Debian's package) or AlexeyAB's libdarknet.so, whichever is found.
+
+    ``checked`` (the default): a call the spec refuses is refused with the reference's checks and codes before
+    Darknet sees it, as every backend must. ``checked=False`` hands Darknet anything its cfg can express, to watch how
+    Darknet itself stops (spec/reorg.md, "Darknet instead")."""
 
     name = "darknet"
 
-    def __init__(self, library: str | os.PathLike | None = None):
+    def __init__(self, library: str | os.PathLike | None = None, checked: bool = True):
         self._library = library
+        self.checked = checked
 
     def locate(self) -> Located:
         library, reason = find_library(self._library)
@@ -522,7 +528,10 @@ class DarknetBackend(Backend):
 
     # --- [shortcut] ---
 
-    def _shortcut(self, pass_, x, froms, weights, params, dialect, from_input_shapes, keys=None):
+    def _shortcut(self, pass_, x, froms, weights, params, dialect, quirks, from_input_shapes, keys=None):
+        if self.checked:
+            x, froms, weights, dialect, quirks = shortcut.check_call(pass_, x, froms, weights, params, dialect, quirks)
+            dialect = dialect.value
         located = self._require("shortcut", dialect, pass_)
         x = _float32("x", x)
         froms = [_float32(f"froms[{i}]", f) for i, f in enumerate(froms)]
@@ -549,7 +558,8 @@ class DarknetBackend(Backend):
         return located, case, arrays
 
     def shortcut_forward(self, x, froms, weights, *, params, dialect, quirks=frozenset(), from_input_shapes=None):
-        located, case, arrays = self._shortcut("forward", x, froms, weights, params, dialect, from_input_shapes)
+        located, case, arrays = self._shortcut("forward", x, froms, weights, params, dialect, quirks,
+                                               from_input_shapes)
         values, _ = self._run(located, case.cfg.text(), case.cfg.last_section(), arrays, ["forward"],
                               {"output": (case.index, "output")}, after_parse=case.after_parse)
         output = values["output"].reshape(np.shape(x))
@@ -562,7 +572,10 @@ class DarknetBackend(Backend):
 
     def shortcut_backward(self, x, froms, weights, delta, *, params, dialect, quirks=frozenset(), weight_updates=None,
                           from_input_shapes=None):
-        located, case, arrays = self._shortcut("backward", x, froms, weights, params, dialect, from_input_shapes)
+        if self.checked:
+            delta, weight_updates = shortcut.check_backward_inputs(np.asarray(x), weights, delta, weight_updates)
+        located, case, arrays = self._shortcut("backward", x, froms, weights, params, dialect, quirks,
+                                               from_input_shapes)
         delta = _float32("delta", delta)
         if delta.shape != np.shape(x):
             raise DarkspecError("delta.shape", delta.shape, f"{np.shape(x)}, like x", code="bad-shape")
@@ -587,6 +600,8 @@ class DarknetBackend(Backend):
     def shortcut_update(self, weights, weight_updates, hyper, dialect):
         """One update step on a [shortcut] built to hold the weights: per_feature weights over as many from layers
         as it takes (at least one), the unused weights zero."""
+        if self.checked:
+            weights, weight_updates, _ = shortcut.check_update_inputs(weights, weight_updates, hyper, dialect)
         weights = _float32("weights", weights, ndim=None)
         weight_updates = _float32("weight_updates", weight_updates, ndim=None)
         if weight_updates.shape != weights.shape:
@@ -613,6 +628,8 @@ class DarknetBackend(Backend):
 
     def reorg_forward(self, x, stride, reverse, old):
         located = self._require("reorg" if old else "reorg3d", REORG_DIALECT, "forward")
+        if self.checked:
+            reorg.plan(reorg.REORG_OLD if old else reorg.REORG3D, np.shape(x), stride, reverse)
         x = _float32("x", x)
         cfg, index = _reorg_cfg(located.api, x.shape, stride, reverse, old)
         values, layers = self._run(located, cfg.text(), cfg.last_section(), {f"L{index - 1}.output": x},
@@ -623,6 +640,8 @@ class DarknetBackend(Backend):
         """Only backward runs (a reorg's backward does not read what its forward left); the previous layer's delta
         starts as ``previous_delta``, and is returned as Darknet leaves it."""
         located = self._require("reorg" if old else "reorg3d", REORG_DIALECT, "backward")
+        if self.checked:
+            reorg.plan_from_output(reorg.REORG_OLD if old else reorg.REORG3D, np.shape(delta), stride, reverse)
         delta = _float32("delta", delta)
         previous_delta = _float32("previous_delta", previous_delta)
         if delta.size != previous_delta.size:

@@ -20,7 +20,7 @@ from darkspec.backends.base import Backend, Prepared, capability_grid
 from darkspec.errors import DarkspecError
 from darkspec.reference import reorg as reorg_reference
 from darkspec.reference.contract import NORMALIZATION_EPS, relu_floor_of, require_pass
-from darkspec.reference.dialects import Dialect, parse_dialect, parse_quirks
+from darkspec.reference.dialects import Dialect, parse_dialect
 from darkspec.reference.shortcut import (
     Normalization,
     ShortcutGradients,
@@ -28,10 +28,8 @@ from darkspec.reference.shortcut import (
     UpdateParams,
     check_activation,
     check_backward_inputs,
-    check_inputs,
-    check_pjreddie,
+    check_call,
     check_update_inputs,
-    cpu_quirks,
     pjreddie_index_map,
     update_step,
     weight_count,
@@ -440,17 +438,10 @@ class TorchBackend(Backend):
     def _checked(self, pass_, x, froms, weights, params, dialect, quirks):
         """The reference's refusals of a [shortcut] call, before any tensor exists; (x, froms, weights) as arrays.
         The modules reproduce none of Darknet's quirks: a case that needs one is refused."""
-        dialect = parse_dialect(dialect)
-        require_pass("shortcut", dialect, pass_)
-        quirks = cpu_quirks(parse_quirks(quirks), dialect)
-        x, froms, weights = check_inputs(x, froms, weights, params, dialect)
-        check_activation(params, dialect, quirks)
+        x, froms, weights, dialect, quirks = check_call(pass_, x, froms, weights, params, dialect, quirks)
         if quirks:
             raise DarkspecError("quirks", sorted(q.value for q in quirks), "none (the torch backend reproduces no "
                                 "quirk; see its quirks())", code="unknown-quirk")
-        if dialect == Dialect.PJREDDIE:
-            check_pjreddie(froms, weights)
-            pjreddie_index_map(froms[0].shape, x.shape)
         return x, froms, weights
 
     def _module(self, x, froms, weights, params, dialect) -> WeightedShortcut:

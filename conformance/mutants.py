@@ -15,6 +15,7 @@ import numpy as np
 
 from darkspec.backends.reference import ReferenceBackend
 from darkspec.conformance.suite import BackendReport, run_suite
+from darkspec.errors import DarkspecError
 from darkspec.reference import contract, shortcut
 from darkspec.reference.dialects import Dialect
 
@@ -29,13 +30,16 @@ class Mutant:
     wraps: tuple[tuple[str, Callable], ...] = ()
 
 
+OP_CALLS = ("shortcut_forward", "shortcut_backward", "shortcut_update", "reorg_forward", "reorg_backward")
+
+
 class MutantBackend(ReferenceBackend):
     def __init__(self, mutant: Mutant):
         self.mutant = mutant
         self.name = f"mutant:{mutant.name}"
         for op, wrapper in mutant.wraps:
             setattr(self, op, self._patched(wrapper(getattr(super(), op))))
-        for op in ("shortcut_forward", "shortcut_backward", "shortcut_update", "reorg_forward", "reorg_backward"):
+        for op in OP_CALLS:
             if op not in dict(mutant.wraps):
                 setattr(self, op, self._patched(getattr(super(), op)))
 
@@ -140,6 +144,23 @@ def _reorg_backward_accumulates(backward):
     return run
 
 
+def _no_input_checks(original):
+    """No validation of the inputs: shapes, dtypes, weights and spatial sizes taken as they come."""
+    def accept(x, froms, weights, params, dialect):
+        return np.asarray(x), [np.asarray(f) for f in froms], None if weights is None else np.asarray(weights)
+    return accept
+
+
+def _generic_refusal_code(call):
+    """Bad input refused, but under one catch-all code instead of the spec's."""
+    def run(*args, **kwargs):
+        try:
+            return call(*args, **kwargs)
+        except DarkspecError as error:
+            raise DarkspecError(error.setting, error.value, error.allowed, code="invalid-argument") from error
+    return run
+
+
 def _gpu_update_like_cpu(update):
     """Darknet's CPU update rule used for the GPU dialect: decay applied, nothing clipped or repaired."""
     def run(weights, weight_updates, hyper, dialect):
@@ -172,6 +193,10 @@ MUTANTS = (
            patches=((shortcut, "normalize_weights", _no_gpu_floor),)),
     Mutant("gpu-update-like-cpu", "the GPU update with decay and without clipping",
            wraps=(("shortcut_update", _gpu_update_like_cpu),)),
+    Mutant("no-input-validation", "the inputs' shapes, dtypes and weights never checked",
+           patches=((shortcut, "check_inputs", _no_input_checks),)),
+    Mutant("generic-refusal-code", "bad input refused with one catch-all code, not the spec's",
+           wraps=tuple((op, _generic_refusal_code) for op in OP_CALLS)),
 )
 
 

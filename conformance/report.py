@@ -24,14 +24,18 @@ def _columns():
     return list(dict.fromkeys(c.label() for c in all_capabilities()))
 
 
-def cell(report: BackendReport, label: str) -> str:
+#: The check that has its own column per backend: the refusals of bad calls; the other checks share one.
+REFUSALS = "refusals"
+
+
+def cell(report: BackendReport, label: str, refusals: bool = False) -> str:
     """One matrix cell: pass (checks run), FAIL (failed/run), unsupported, unavailable, or ERROR (the backend broke
-    the protocol before any check could run)."""
+    the protocol before any check could run). ``refusals``: the refusals check's cell, else the other checks'."""
     if report.error:
         return ERROR
     if report.unavailable:
         return UNAVAILABLE
-    results = [r for r in report.results if r.capability.label() == label]
+    results = [r for r in report.results if r.capability.label() == label and (r.check == REFUSALS) == refusals]
     if not results:
         return UNSUPPORTED
     examples = sum(r.examples for r in results)
@@ -40,8 +44,11 @@ def cell(report: BackendReport, label: str) -> str:
 
 
 def table(reports: list[BackendReport], golden_problems=()) -> str:
-    rows = [[label, *(cell(r, label) for r in reports)] for label in _columns()]
-    text = tabulate(rows, headers=["op/dialect/pass", *(r.backend.name for r in reports)])
+    rows = [[label, *(cell(r, label) for r in reports), *(cell(r, label, refusals=True) for r in reports)]
+            for label in _columns()]
+    headers = ["op/dialect/pass", *(r.backend.name for r in reports),
+               *(f"{r.backend.name} {REFUSALS}" for r in reports)]
+    text = tabulate(rows, headers=headers)
     notes = [f"golden: {problem}" for problem in golden_problems]
     notes += [f"{r.backend.name}: unavailable: {r.unavailable}" for r in reports if r.unavailable]
     notes += [f"{r.backend.name}: ERROR: {r.error}" for r in reports if r.error]
@@ -75,6 +82,7 @@ def json_report(reports: list[BackendReport], profile: str, golden_problems=()) 
                     {"op": c.op, "dialect": c.dialect, "dtype": c.dtype, "pass": c.pass_, "device": c.device}
                     for c in sorted(r.backend.capabilities())],
                 "matrix": {label: cell(r, label) for label in _columns()},
+                "refusals": {label: cell(r, label, refusals=True) for label in _columns()},
                 "results": [
                     {"op": x.capability.op, "dialect": x.capability.dialect, "dtype": x.capability.dtype,
                      "pass": x.capability.pass_, "device": x.capability.device, "check": x.check,

@@ -10,7 +10,7 @@ A capability the backend does not declare is reported as unsupported, never run 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -22,7 +22,7 @@ from darkspec.backends.reference import ReferenceBackend
 from darkspec.conformance.compare import Tolerance, compare, largest_magnitude
 from darkspec.conformance.golden import Gate, gate
 from darkspec.conformance.guard import BackendFault, GuardedBackend
-from darkspec.conformance.ops import RECORDS
+from darkspec.conformance.ops import RECORDS, Call
 from darkspec.conformance.vectors import FAIL, PASS_OF_CRASH, recording_dialect, replay
 from darkspec.errors import DarkspecError
 from darkspec.reference import contract
@@ -185,6 +185,60 @@ def run_property(backend, capability: Capability, examples: int) -> CheckResult:
     return result
 
 
+# --- refusals ----------------------------------------------------------------------------------------------------
+
+
+def refusal_calls(backend, capability: Capability) -> list[tuple[str, str, Call]]:
+    """(code, mistake, bad call) of every refusal the capability owes: the op record's error inputs that apply to
+    its dialect and pass (and to the quirks the backend declares), and its valid call in each dtype of the contract
+    that the backend does not declare for this op, dialect and pass (a dtype not declared is refused, not run)."""
+    record = RECORDS[capability.op]
+    calls = [(e.code, e.mistake, e.build(capability)) for e in record.errors_for(capability, backend.quirks())]
+    for dtype in (*record.contract.dtypes, *record.contract.refused_dtypes):
+        if backend.declared(capability.op, capability.dialect, dtype, capability.pass_) is None:
+            calls.append(("bad-dtype", f"{dtype} inputs, which the backend does not declare",
+                          record.valid_call(replace(capability, dtype=dtype))))
+    return calls
+
+
+def _arrays(value, name: str) -> dict[str, np.ndarray]:
+    if isinstance(value, np.ndarray):
+        return {name: value}
+    if isinstance(value, (list, tuple)):
+        return {f"{name}[{i}]": a for i, a in enumerate(value) if isinstance(a, np.ndarray)}
+    return {}
+
+
+def refusal_problem(backend, code: str, mistake: str, call: Call) -> str | None:
+    """None if the backend refuses the bad call with ``DarkspecError(code)`` before writing anything (every input
+    array unchanged), else what it did instead."""
+    watched = {k: v for name, value in {**call.args, **call.settings}.items() for k, v in _arrays(value, name).items()}
+    before = {name: a.copy() for name, a in watched.items()}
+    try:
+        getattr(backend, call.method)(*call.args.values(), **call.settings)
+    except DarkspecError as error:
+        if error.code != code:
+            return f"{call.method} with {mistake}: refused with code {error.code!r}, the spec's is {code!r} ({error})"
+    except BackendFault as fault:
+        return f"{call.method} with {mistake}: {fault}, expected DarkspecError {code!r}"
+    except Exception as error:  # BackendCrashed, or anything a backend outside the guard raises
+        return f"{call.method} with {mistake}: raised {type(error).__name__}: {error}, expected DarkspecError {code!r}"
+    else:
+        return f"{call.method} with {mistake}: accepted, expected a refusal with DarkspecError {code!r}"
+    changed = [name for name, a in watched.items() if a.tobytes() != before[name].tobytes()]
+    if changed:
+        return f"{call.method} with {mistake}: refused, but after writing into its input {', '.join(changed)}"
+    return None
+
+
+def run_refusals(backend, capability: Capability) -> CheckResult:
+    """Every bad call the capability owes a refusal (``refusal_calls``), each one example of the check."""
+    result = CheckResult(capability, "refusals")
+    for code, mistake, call in refusal_calls(backend, capability):
+        result.add(refusal_problem(backend, code, mistake, call))
+    return result
+
+
 # --- golden replays ---------------------------------------------------------------------------------------------
 
 
@@ -258,6 +312,7 @@ def run_suite(backend: Backend, profile: str = "ci", golden=(), stop_at_first_fa
             return report
     for capability in declared:
         report.results.append(run_property(backend, capability, PROFILES[profile]))
+        report.results.append(run_refusals(backend, capability))
         if stop_at_first_failure and report.failed:
             break
     return report

@@ -210,6 +210,22 @@ def check_inputs(x, froms, weights, params: ShortcutParams, dialect: Dialect):
     return x, froms, weights
 
 
+def check_call(pass_: str, x, froms, weights, params: ShortcutParams, dialect, quirks):
+    """Every refusal of a [shortcut] forward or backward before anything is computed, shared by every
+    implementation: the pass, the inputs, the activation and pjreddie's rules. Returns (x, froms, weights, dialect,
+    quirks) as arrays, Dialect and the quirks that apply (a backward also checks its own inputs:
+    ``check_backward_inputs``)."""
+    dialect = parse_dialect(dialect)
+    require_pass("shortcut", dialect, pass_)
+    quirks = cpu_quirks(parse_quirks(quirks), dialect)
+    x, froms, weights = check_inputs(x, froms, weights, params, dialect)
+    check_activation(params, dialect, quirks)
+    if dialect == Dialect.PJREDDIE:
+        check_pjreddie(froms, weights)
+        pjreddie_index_map(froms[0].shape, x.shape)
+    return x, froms, weights, dialect, quirks
+
+
 def check_backward_inputs(x, weights, delta, weight_updates):
     """The refusals a backward adds to check_inputs' (on its results): a delta like x, and a weight-update
     accumulator (if given) like the weights; returns (delta, weight_updates) as arrays."""
@@ -360,9 +376,7 @@ def forward(
     ``from_input_shapes`` (the from layers' own *input* C, H, W) matters only under the quirk
     cpu-fastpath-input-dims.
     """
-    dialect, quirks = parse_dialect(dialect), cpu_quirks(parse_quirks(quirks), dialect)
-    x, froms, weights = check_inputs(x, froms, weights, params, dialect)
-    check_activation(params, dialect, quirks)
+    x, froms, weights, dialect, quirks = check_call("forward", x, froms, weights, params, dialect, quirks)
     if dialect == Dialect.PJREDDIE:
         return _activate(_pjreddie_sum(x, froms, weights, params), params, dialect, quirks)
     what = _normalized(weights, params, len(froms), dialect)
@@ -389,13 +403,10 @@ def backward(
     ``delta`` is the delta arriving at the layer's output; ``weight_updates`` the accumulator before backward
     (zeros if not given). The forward is recomputed from the inputs, so no state is carried between passes.
     """
-    dialect, quirks = parse_dialect(dialect), cpu_quirks(parse_quirks(quirks), dialect)
-    require_pass("shortcut", dialect, "backward")
-    x, froms, weights = check_inputs(x, froms, weights, params, dialect)
-    check_activation(params, dialect, quirks)
+    x, froms, weights, dialect, quirks = check_call("backward", x, froms, weights, params, dialect, quirks)
     delta, weight_updates = check_backward_inputs(x, weights, delta, weight_updates)
     if dialect == Dialect.PJREDDIE:
-        return _pjreddie_backward(x, froms, delta, params, quirks)
+        return _pjreddie_backward(x, froms, weights, delta, params, quirks)
 
     what = _normalized(weights, params, len(froms), dialect)
     pre = _weighted_sum(x, froms, what, quirks, from_input_shapes)
@@ -613,10 +624,10 @@ def _pjreddie_sum(x, froms, weights, params):
     return out
 
 
-def _pjreddie_backward(x, froms, delta, params, quirks):
+def _pjreddie_backward(x, froms, weights, delta, params, quirks):
     """The previous layer gets alpha * delta everywhere (even where the forward did not scale by alpha); the from
     layer gets beta * delta where the two met."""
-    pre = _pjreddie_sum(x, froms, None, params)
+    pre = _pjreddie_sum(x, froms, weights, params)  # refuses what the forward refuses
     out = _activate(pre, params, Dialect.PJREDDIE, quirks)
     d = delta * activation_factor(pre, out, params, Dialect.PJREDDIE, quirks)
     t = x.dtype.type

@@ -14,7 +14,7 @@ from darkspec.backends.reference import ReferenceBackend
 from darkspec.backends.registry import UnavailableBackend, discover, load
 from darkspec.cli import main
 from darkspec.conformance.report import cell, json_report, junit_xml, table
-from darkspec.conformance.suite import run_suite
+from darkspec.conformance.suite import refusal_calls, refusal_problem, run_suite
 from darkspec.errors import DarkspecError
 
 from conftest import GOLDEN
@@ -41,6 +41,55 @@ def test_the_reference_passes_everything_it_declares():
     declared = {c.label() for c in ReferenceBackend().capabilities()}
     assert {r.capability.label() for r in report.results} == declared
     assert all(cell(report, label).startswith("pass") for label in declared)
+    assert all(cell(report, label, refusals=True).startswith("pass") for label in declared)
+
+
+class UncheckedBackend(ReferenceBackend):
+    """Computes what the reference computes on valid inputs, and never refuses: runs whatever it is given."""
+
+    name = "unchecked"
+
+    def capabilities(self):
+        return frozenset({Capability("shortcut", "darknet-cpu", "float32", "forward"),
+                          Capability("reorg3d", "darknet", "float32", "forward")})
+
+    def shortcut_forward(self, x, froms, weights, **settings):
+        return np.zeros_like(np.asarray(x, dtype=np.float32))
+
+    def reorg_forward(self, x, stride, reverse, old):
+        return np.asarray(x)
+
+
+def test_refusals_are_a_check_and_a_column_of_their_own():
+    reference = run_suite(ReferenceBackend(), "quick", [])
+    refusals = [r for r in reference.results if r.check == "refusals"]
+    assert {r.capability for r in refusals} == ReferenceBackend().capabilities()
+    assert all(r.examples >= 5 and r.passed for r in refusals)
+    text = table([reference])
+    assert "reference refusals" in text.splitlines()[0]
+    assert json_report([reference], "quick")["backends"][0]["refusals"]["reorg/darknet/backward"].startswith("pass")
+
+
+def test_a_backend_that_never_refuses_fails_the_refusal_check_for_each_bad_call():
+    report = run_suite(UncheckedBackend(), "quick", [])
+    failed = {r.capability.op: r for r in report.results if r.check == "refusals" and not r.passed}
+    assert set(failed) == {"shortcut", "reorg3d"}
+    assert "accepted" in failed["shortcut"].first_failure or "raised" in failed["shortcut"].first_failure
+    # the float64 and float16 inputs it does not declare count too: a dtype not declared is refused, not run
+    assert failed["shortcut"].failures >= 10
+    assert cell(report, "shortcut/darknet-cpu/forward", refusals=True).startswith("FAIL")
+
+
+def test_a_refusal_after_writing_into_an_input_fails():
+    class Scribbler(ReferenceBackend):
+        def reorg_backward(self, delta, stride, reverse, old, previous_delta):
+            previous_delta[...] = 0  # what Darknet's delta buffer would hold before it noticed
+            return super().reorg_backward(delta, stride, reverse, old, previous_delta)
+
+    capability = Capability("reorg3d", "darknet", "float32", "backward")
+    problems = [refusal_problem(Scribbler(), code, mistake, call)
+                for code, mistake, call in refusal_calls(Scribbler(), capability)]
+    assert all(p and "writing into its input previous_delta" in p for p in problems)
 
 
 def test_golden_cases_count_towards_the_capabilities():
@@ -85,7 +134,8 @@ def test_reports_hold_versions_platform_and_every_result():
     assert raising["results"][0]["failures"] > 0 and "kernel launch failed" in raising["results"][0]["first_failure"]
     suites = ET.fromstring(junit_xml(reports))
     assert [s.get("name") for s in suites] == ["reference", "raising"]
-    assert suites[1].get("failures") == "1" and suites[1].find("testcase/failure") is not None
+    # its properties and its refusals: it raises RuntimeError for bad calls too, where DarkspecError is due
+    assert suites[1].get("failures") == "2" and suites[1].find("testcase/failure") is not None
 
 
 def test_conformance_command_exits_non_zero_on_a_failing_backend(tmp_path, capsys):

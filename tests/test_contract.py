@@ -83,3 +83,31 @@ def test_every_op_has_one_record():
     assert set(RECORDS) == set(contract.OPS)
     for name, record in RECORDS.items():
         assert record.contract is contract.OPS[name]
+
+
+def test_every_error_code_has_a_bad_call_in_its_op_record():
+    for name, record in RECORDS.items():
+        called = {e.code for e in record.error_inputs}
+        assert called | set(record.refused_by_types) == set(record.contract.error_codes), name
+        assert not called & set(record.refused_by_types)
+
+
+def test_codes_no_call_reaches_are_refused_by_the_arguments_own_type():
+    for code, construct in RECORDS["shortcut"].refused_by_types.items():
+        with pytest.raises(DarkspecError) as raised:
+            construct()
+        assert raised.value.code == code
+
+
+@pytest.mark.parametrize("name", sorted(RECORDS))
+def test_every_error_input_gets_its_code_from_the_reference(name):
+    record = RECORDS[name]
+    reference = ReferenceBackend()
+    for capability in sorted(c for c in reference.capabilities() if c.op == name):
+        for error in record.errors_for(capability, reference.quirks()):
+            call = error.build(capability)
+            with pytest.raises(DarkspecError) as raised:
+                getattr(reference, call.method)(*call.args.values(), **call.settings)
+            assert raised.value.code == error.code, (capability, error.mistake)
+        valid = record.valid_call(capability)
+        getattr(reference, valid.method)(*valid.args.values(), **valid.settings)  # the base of every bad call runs

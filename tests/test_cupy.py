@@ -40,11 +40,11 @@ from darkspec.backends.cupy_backend import (
 )
 from darkspec.conformance import recordings as rec
 from darkspec.conformance.report import cell
-from darkspec.conformance.suite import run_property, run_suite
+from darkspec.conformance.suite import refusal_calls, refusal_problem, run_property, run_suite
 from darkspec.conformance.vectors import FAIL, PASS, replay
 from darkspec.errors import DarkspecError
 from darkspec.reference import activations, contract, reorg, shortcut
-from darkspec.reference.shortcut import ShortcutParams, UpdateParams
+from darkspec.reference.shortcut import ShortcutParams
 
 from conftest import GOLDEN
 
@@ -566,33 +566,31 @@ def test_emulated_prepared_call_only_launches_and_counts_the_least_bytes(host):
     assert call.gradients().weight_updates.tobytes() == expected.weight_updates.tobytes()
 
 
-def test_errors_are_the_references(host):
-    backend = CupyBackend(host)
+class NoDevice:
+    """An executor that fails at any device work: a refusal must come before all of it."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"device work ({name}) before the refusal")
+
+
+def _refusals():
+    backend = CupyBackend(NoDevice())
+    for capability in sorted(backend.capabilities()):
+        for code, mistake, call in refusal_calls(backend, capability):
+            yield pytest.param(code, mistake, call, id=f"{capability.label()}-{capability.dtype}-{mistake}")
+
+
+@pytest.mark.parametrize("code, mistake, call", _refusals())
+def test_every_refusal_of_the_op_records_comes_before_any_device_work(code, mistake, call):
+    # Runs on any machine: no kernel is compiled or launched for a bad call.
+    assert refusal_problem(CupyBackend(NoDevice()), code, mistake, call) is None
+
+
+def test_the_kernels_own_limits_are_refused_before_any_device_work():
     x = np.zeros((1, 2, 2, 2), np.float32)
-    cases = [
-        (lambda: backend.shortcut_forward(x, [x], None, params=ShortcutParams(activation="hard_mish"),
-                                          dialect="darknet-gpu"), "activation-not-evaluated"),
-        (lambda: backend.shortcut_backward(x, [x], None, x, params=ShortcutParams(), dialect="darknet-inference"),
-         "pass-not-in-dialect"),
-        (lambda: backend.shortcut_backward(
-            x, [x], None, x, params=ShortcutParams(activation="normalize_channels"), dialect="darknet-cpu",
-            quirks=["shortcut-unevaluated-activations"]), "activation-gradient-aborts"),
-        (lambda: backend.shortcut_forward(x, [x[:, :, :1]], None, params=ShortcutParams(), dialect="exact"),
-         "spatial-mismatch"),
-        (lambda: backend.shortcut_forward(x, [x] * 64, None, params=ShortcutParams(), dialect="exact"),
-         "cupy-too-many-inputs"),
-        (lambda: backend.shortcut_update(np.ones(3, np.float32), np.ones(3, np.float32),
-                                         UpdateParams(0.1, 0.9, 0.0, 0), "darknet-gpu"), "bad-batch"),
-        (lambda: backend.shortcut_update(np.ones(3, np.float32), np.ones(3, np.float32),
-                                         UpdateParams(0.1, 0.9, 0.0, 1), "pjreddie"), "pass-not-in-dialect"),
-        (lambda: backend.reorg_forward(np.zeros((1, 3, 4, 4), np.float32), 2, True, True), "reorg-old-channels"),
-        (lambda: backend.reorg_backward(np.zeros((1, 3, 4, 4), np.float32), 2, False, False, None),
-         "reorg-bad-delta-shape"),
-    ]
-    for call, code in cases:
-        with pytest.raises(DarkspecError) as raised:
-            call()
-        assert raised.value.code == code
+    with pytest.raises(DarkspecError) as raised:
+        CupyBackend(NoDevice()).shortcut_forward(x, [x] * 64, None, params=ShortcutParams(), dialect="exact")
+    assert raised.value.code == "cupy-too-many-inputs"
 
 
 # --- the kernels on the GPU -------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 from darkspec.backends import darknet as darknet_module
 from darkspec.backends.darknet import DarknetBackend, DarknetCrashed, DarknetRefused
+from darkspec.conformance.guard import GuardedBackend
+from darkspec.conformance.suite import run_refusals
 from darkspec.backends.darknet_worker import Header
 from darkspec.backends.reference import ReferenceBackend
 from darkspec.conformance import recordings as rec
@@ -257,10 +259,18 @@ def test_darkspec_and_pjreddie_accept_and_refuse_the_same_cfgs(pjreddie, text):
 # --- what a failed case raises -----------------------------------------------------------------------------------
 
 
+def unchecked(backend: DarknetBackend) -> DarknetBackend:
+    """The same library without darkspec's checks in front: Darknet itself meets the bad input."""
+    return DarknetBackend(backend.locate().library, checked=False)
+
+
 def test_a_crash_in_a_pass_is_a_failure_with_the_signal(darknet):
     x = np.ones((1, 2, 4, 4), np.float32)  # [reorg] stride=2 divides by C / stride**2 = 0
-    with pytest.raises(DarknetCrashed) as raised:
+    with pytest.raises(DarkspecError) as refused:
         darknet.reorg_forward(x, 2, False, old=True)
+    assert refused.value.code == "reorg-old-channels"  # checked: the spec's refusal, before Darknet runs
+    with pytest.raises(DarknetCrashed) as raised:
+        unchecked(darknet).reorg_forward(x, 2, False, old=True)
     crash = raised.value
     assert crash.stage == "forward" and crash.signal == "SIGFPE" and not isinstance(crash, DarkspecError)
     assert "SIGFPE" in str(crash) and "reorg" in crash.output_tail
@@ -270,7 +280,7 @@ def test_a_crash_in_a_pass_is_a_failure_with_the_signal(darknet):
 def test_a_cfg_darknet_refuses_is_a_refusal_with_the_signal(darknet):
     x = np.ones((1, 2, 4, 4), np.float32)  # no from layer: a [shortcut] without from=, on which the parser crashes
     with pytest.raises(DarknetRefused) as raised:
-        darknet.shortcut_forward(x, [], None, params=ShortcutParams(), dialect=_shortcut_dialect(darknet))
+        unchecked(darknet).shortcut_forward(x, [], None, params=ShortcutParams(), dialect=_shortcut_dialect(darknet))
     refusal = raised.value
     assert isinstance(refusal, DarkspecError) and refusal.code == "darknet-refused"
     assert refusal.stage == "parse" and refusal.signal == "SIGSEGV" and "SIGSEGV" in str(refusal)
@@ -280,7 +290,7 @@ def test_a_replay_counts_a_crash_as_a_failed_case_and_carries_on(darknet):
     recording = rec.load_recording(VECTORS / "darknet-pjreddie" / "pj_reorg_fwd_s2_c4_4x4.npz")
     two_channels = rec.Recording(recording.path, recording.params, {**recording.arrays,
                                                                      "x": recording.arrays["x"][:, :2]})
-    failed = replay(two_channels, darknet)
+    failed = replay(two_channels, unchecked(darknet))
     assert failed.verdict == FAIL and "DarknetCrashed" in failed.line() and "SIGFPE" in failed.line()
     assert replay(recording, darknet).verdict == PASS
 
@@ -294,9 +304,11 @@ def test_darknet_stops_with_its_own_error(pjreddie):
 
 def test_an_activation_darknet_does_not_know_is_refused(pjreddie):
     x = np.ones((1, 2, 2, 2), np.float32)
-    with pytest.raises(DarkspecError) as raised:
-        pjreddie.shortcut_forward(x, [x], None, params=ShortcutParams(activation="mish"), dialect="pjreddie")
-    assert raised.value.code == "unknown-activation" and "going with ReLU" in str(raised.value)
+    for backend in (pjreddie, unchecked(pjreddie)):  # by darkspec's check, or on what Darknet prints
+        with pytest.raises(DarkspecError) as raised:
+            backend.shortcut_forward(x, [x], None, params=ShortcutParams(activation="mish"), dialect="pjreddie")
+        assert raised.value.code == "unknown-activation"
+    assert "going with ReLU" in str(raised.value)
 
 
 @pytest.mark.parametrize("call, code", [
@@ -311,7 +323,7 @@ def test_an_activation_darknet_does_not_know_is_refused(pjreddie):
 ], ids=["two-froms", "weights", "unbuildable-shape", "other-dialect", "float64"])
 def test_pjreddie_refuses_what_it_cannot_run(pjreddie, call, code):
     with pytest.raises(DarkspecError) as raised:
-        call(pjreddie, np.ones((1, 4, 2, 2), np.float32))
+        call(unchecked(pjreddie), np.ones((1, 4, 2, 2), np.float32))
     assert raised.value.code == code
 
 
@@ -365,3 +377,11 @@ def test_alexeyab_cpu_update_matches_the_reference(alexeyab, case):
 @given(case=strategies.reorg_cases(old=False, dtype=np.float32))
 def test_alexeyab_reorg3d_matches_the_reference_bit_for_bit(alexeyab, case):
     _expect_reorg_bit_exact(alexeyab, case, old=False)
+
+
+def test_live_darknet_refuses_every_bad_call_with_the_specs_code(darknet):
+    # The refusal check of the conformance suite on the real library: checked calls never reach Darknet.
+    guarded = GuardedBackend(darknet)
+    for capability in sorted(darknet.capabilities()):
+        result = run_refusals(guarded, capability)
+        assert result.examples and result.passed, (capability.label(), result.first_failure)

@@ -15,8 +15,17 @@ def test_every_mutant_is_killed_by_the_golden_cases_and_properties(mutant):
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name)
 def test_every_mutant_is_killed_by_the_properties_alone(mutant):
-    """Recordings are a sample: the hypothesis checks must catch each mistake without them."""
+    """Recordings are a sample: the hypothesis and refusal checks must catch each mistake without them."""
     assert killer(hunt(mutant, "ci", [])), f"{mutant.name} survived the property checks"
+
+
+@pytest.mark.parametrize("name", ["no-input-validation", "generic-refusal-code"])
+def test_validation_mistakes_are_killed_by_the_refusal_check(name):
+    # Valid inputs cannot tell these from the reference: only the bad calls of the op records can.
+    mutant = next(m for m in MUTANTS if m.name == name)
+    report = hunt(mutant, "quick", [])
+    assert all(r.passed for r in report.results if r.check == "properties")
+    assert "(refusals)" in (killer(report) or ""), f"{name} survived the refusal check"
 
 
 def test_mutants_command_reports_what_killed_each(capsys):

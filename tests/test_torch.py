@@ -27,6 +27,7 @@ def test_the_cpu_backend_passes_everything_it_declares():
     declared = {c.label() for c in TorchBackend().capabilities()}
     assert not report.failed, [r.first_failure for r in report.results if not r.passed]
     assert all(cell(report, label).startswith("pass") for label in declared)
+    assert all(cell(report, label, refusals=True).startswith("pass") for label in declared)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA path is checked on a GPU only")

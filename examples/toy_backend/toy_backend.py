@@ -1,7 +1,8 @@
 """An out-of-tree darkspec backend, as small as a backend can be (README: "Validating a new backend").
 
 It implements the [shortcut] forward of the darknet-cpu dialect, in float32 and float64, with its own NumPy code
-(and darkspec's activations), and declares exactly that. Everything else shows up as "unsupported".
+(and darkspec's activations and constants), and declares exactly that. Everything else shows up as "unsupported".
+Bad calls are refused with the reference's own checks, so their codes are the spec's.
 """
 
 import numpy as np
@@ -9,6 +10,7 @@ import numpy as np
 from darkspec.backends.base import Backend, Capability
 from darkspec.reference.activations import activate
 from darkspec.reference.contract import NORMALIZATION_EPS
+from darkspec.reference.shortcut import check_call
 
 
 class ToyBackend(Backend):
@@ -20,7 +22,8 @@ class ToyBackend(Backend):
     def version(self):
         return "toy 1.0"
 
-    def shortcut_forward(self, x, froms, weights, *, params, dialect, **_):
+    def shortcut_forward(self, x, froms, weights, *, params, dialect, quirks=(), **_):
+        x, froms, weights, _, _ = check_call("forward", x, froms, weights, params, dialect, quirks)
         batch, channels = x.shape[:2]
         slots = [x, *froms]
         if weights is None:
