@@ -88,7 +88,8 @@ def _check(args) -> int:
 
         if not args.weights.is_file():
             raise DarkspecError("--weights", str(args.weights), "a .weights file that exists", code="no-such-file")
-        weights = read_weights(args.weights, network)
+        weights = {index: layer.arrays["weights"] for index, layer in read_weights(args.weights, network).layers.items()
+                   if layer.type == "shortcut"}  # check_model runs each shortcut with its own weights
     report = check.check_model(text, str(args.cfg), check.select_runtimes(args.runtime), weights=weights)
     print(json.dumps(report.to_json(), indent=2) if args.json else check.render(report))
     return 1 if check.failing(report, args.fail_on) else 0
