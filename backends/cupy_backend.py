@@ -34,7 +34,7 @@ from darkspec.backends.base import Backend, Prepared, capability_grid
 from darkspec.errors import DarkspecError
 from darkspec.reference import activations, reorg, shortcut
 from darkspec.reference.contract import NORMALIZATION_EPS, RELU_FLOOR, relu_floor_of
-from darkspec.reference.dialects import Dialect, Quirk
+from darkspec.reference.dialects import Dialect, Quirk, parse_dialect
 from darkspec.reference.shortcut import (
     Normalization,
     ShortcutGradients,
