@@ -138,7 +138,8 @@ class ReorgOnly(ReferenceBackend):
     name = "reorg-only"
 
     def capabilities(self):
-        return frozenset({Capability("reorg3d", "darknet", "float32", "forward")})
+        # both dtypes of the contract: one it did not declare it would have to refuse (it is the reference: it runs it)
+        return frozenset(Capability("reorg3d", "darknet", dtype, "forward") for dtype in ("float32", "float64"))
 
 
 def corrupt_but_listed(golden):
