@@ -9,6 +9,7 @@ Every place where darkspec knowingly accepts or refuses differently from Darknet
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 
 from darkspec.errors import DarkspecError
@@ -59,10 +60,14 @@ class Section:
     options: dict[str, str] = field(default_factory=dict)
     #: Keys given more than once (Darknet reads the first).
     repeated: list[str] = field(default_factory=list)
+    #: The line of each key (its first occurrence).
+    key_lines: dict[str, int] = field(default_factory=dict)
 
-    def where(self, index: int | None = None) -> str:
+    def where(self, index: int | None = None, key: str | None = None) -> str:
+        """The section, its layer index and the line of ``key`` (of the header without a key, or for a key it
+        does not have)."""
         layer = f" (layer {index})" if index is not None else ""
-        return f"[{self.name}]{layer} at line {self.line}"
+        return f"[{self.name}]{layer} at line {self.key_lines.get(key or '', self.line)}"
 
 
 @dataclass(frozen=True)
@@ -76,10 +81,24 @@ class ShortcutSection:
     deviations: tuple[str, ...] = ()
 
 
-def read_sections(text: str) -> list[Section]:
+def cfg_text(cfg) -> str:
+    """The cfg as text: a str, or bytes in UTF-8 (what a file holds)."""
+    if isinstance(cfg, (bytes, bytearray)):
+        try:
+            return bytes(cfg).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DarkspecError("cfg", f"bytes {bytes(cfg[:20])!r}...", "UTF-8 text", code="cfg-not-text",
+                                reason=str(error)) from None
+    if not isinstance(cfg, str):
+        raise DarkspecError("cfg", type(cfg).__name__, "the cfg's text (str, or UTF-8 bytes)", code="cfg-not-text")
+    return cfg
+
+
+def read_sections(text: str | bytes) -> list[Section]:
     """Split cfg text into sections. Like Darknet, all whitespace inside a line is dropped, lines starting with
     ``#`` or ``;`` are comments, and of a repeated key the first counts. Unlike Darknet, a line that is not
     ``key=value`` is an error."""
+    text = cfg_text(text)
     sections: list[Section] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = re.sub(r"\s+", "", raw)
@@ -100,18 +119,19 @@ def read_sections(text: str) -> list[Section]:
             sections[-1].repeated.append(key)
         else:
             sections[-1].options[key] = value
+            sections[-1].key_lines[key] = number
     return sections
 
 
 def check_keys(section: Section, index: int, allowed: frozenset[str]) -> None:
     """Refuse keys the section's layer does not read, and keys given twice."""
     for key in section.repeated:
-        raise DarkspecError(f"{section.where(index)} {key}", section.options[key], f"one {key}= per section",
+        raise DarkspecError(f"{section.where(index, key)} {key}", section.options[key], f"one {key}= per section",
                             code="duplicate-key", reason="Darknet silently reads the first one")
     for key in section.options:
         if key not in allowed:
             raise DarkspecError(
-                f"{section.where(index)} key", key, ", ".join(sorted(allowed)), code="unknown-key",
+                f"{section.where(index, key)} key", key, ", ".join(sorted(allowed)), code="unknown-key",
                 reason="Darknet only warns about unused keys; darkspec refuses them so a typo cannot pass silently",
             )
 
@@ -124,15 +144,24 @@ def int_option(section: Section, index: int | None, key: str, default: int) -> i
         return default
     match = re.fullmatch(r"([+-]?\d+)(#.*)?", value)
     if not match:
-        raise DarkspecError(f"{section.where(index)} {key}", value, "an integer", code="not-an-integer")
-    return int(match.group(1))
+        raise DarkspecError(f"{section.where(index, key)} {key}", value, "an integer", code="not-an-integer")
+    return _integer(match.group(1), f"{section.where(index, key)} {key}", "not-an-integer")
+
+
+def _integer(digits: str, setting: str, code: str) -> int:
+    """int(digits), refused where Python will not convert that many digits (a value no Darknet int holds)."""
+    try:
+        return int(digits)
+    except ValueError:
+        raise DarkspecError(setting, f"{digits[:12]}... ({len(digits)} digits)", "an integer of at most "
+                            f"{sys.get_int_max_str_digits()} digits", code=code) from None
 
 
 def positive_option(section: Section, index: int, key: str, default: int) -> int:
     """An integer option that must be at least 1 (a stride, a size, a group count)."""
     value = int_option(section, index, key, default)
     if value < 1:
-        raise DarkspecError(f"{section.where(index)} {key}", value, "an integer >= 1", code="not-positive")
+        raise DarkspecError(f"{section.where(index, key)} {key}", value, "an integer >= 1", code="not-positive")
     return value
 
 
@@ -141,14 +170,14 @@ def float_option(section: Section, index: int, key: str, default: float) -> floa
     if value is None:
         return default
     if not re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value):
-        raise DarkspecError(f"{section.where(index)} {key}", value, "a decimal number", code="not-a-number")
+        raise DarkspecError(f"{section.where(index, key)} {key}", value, "a decimal number", code="not-a-number")
     return float(value)
 
 
 def layer_indices(section: Section, index: int, key: str, *, missing_reason: str = "") -> tuple[int, ...]:
     """A comma-separated list of layers (``from=``, ``layers=``) as absolute indices: negative entries count back
     from this layer (-1 is the previous layer), others are absolute. Each must name an earlier layer."""
-    where = section.where(index)
+    where = section.where(index, key)
     text = section.options.get(key)
     if text is None:
         raise DarkspecError(f"{where} {key}", None, "a comma-separated list of layer indices",
@@ -161,8 +190,11 @@ def layer_indices(section: Section, index: int, key: str, *, missing_reason: str
                                 reason="Darknet reads an empty entry (a trailing comma) as absolute layer 0")
         if not re.fullmatch(r"[+-]?\d+", entry):
             raise DarkspecError(f"{where} {key}", entry, "an integer layer index", code="from-not-integer")
-        value = int(entry)
+        value = _integer(entry, f"{where} {key}", "from-not-integer")
         absolute = index + value if value < 0 else value
+        if index == 0:
+            raise DarkspecError(f"{where} {key}", entry, "an earlier layer, and none exists: this is the first "
+                                "layer", code="from-out-of-range")
         if not 0 <= absolute < index:
             raise DarkspecError(
                 f"{where} {key}", entry, f"an earlier layer: -1..-{index} or 0..{index - 1}",
@@ -176,8 +208,8 @@ def resolve_from(section: Section, index: int, library: str) -> tuple[int, ...]:
     """The ``from=`` list of a [shortcut] (pjreddie's takes exactly one layer)."""
     text = section.options.get("from", "")
     if library == "pjreddie" and "," in text:
-        raise DarkspecError(f"{section.where(index)} from", text, "a single layer index in the pjreddie dialect",
-                            code="pjreddie-single-from",
+        raise DarkspecError(f"{section.where(index, 'from')} from", text,
+                            "a single layer index in the pjreddie dialect", code="pjreddie-single-from",
                             reason="pjreddie's parser silently reads only the first index")
     return layer_indices(section, index, "from", missing_reason="Darknet crashes on a [shortcut] without from=")
 
@@ -195,22 +227,23 @@ def parse_shortcut(section: Section, index: int, library: str = "alexeyab") -> S
                                 beta=float_option(section, index, "beta", 1.0))
         return ShortcutSection(index, from_layers, params)
 
-    where = section.where(index)
     deviations = []
     weights_type_text = section.options.get("weights_type", "none")
     if weights_type_text not in WEIGHTS_TYPE_ALIASES:
-        raise DarkspecError(f"{where} weights_type", weights_type_text, ", ".join(WEIGHTS_TYPE_ALIASES),
+        raise DarkspecError(f"{section.where(index, 'weights_type')} weights_type", weights_type_text,
+                            ", ".join(WEIGHTS_TYPE_ALIASES),
                             code="unknown-weights-type")
     weights_type = WeightsType(WEIGHTS_TYPE_ALIASES[weights_type_text])
 
     if "weights_normalization" in section.options and "weights_normalizion" in section.options:
-        raise DarkspecError(f"{where} weights_normalizion", section.options["weights_normalizion"],
+        raise DarkspecError(f"{section.where(index, 'weights_normalizion')} weights_normalizion",
+                            section.options["weights_normalizion"],
                             "either weights_normalization or its 2020 spelling weights_normalizion, not both",
                             code="duplicate-key")
     key = "weights_normalizion" if "weights_normalizion" in section.options else "weights_normalization"
     normalization_text = section.options.get(key, "none")
     if normalization_text not in NORMALIZATION_ALIASES:
-        raise DarkspecError(f"{where} {key}", normalization_text, ", ".join(NORMALIZATION_ALIASES),
+        raise DarkspecError(f"{section.where(index, key)} {key}", normalization_text, ", ".join(NORMALIZATION_ALIASES),
                             code="unknown-weights-normalization")
     normalization = Normalization(NORMALIZATION_ALIASES[normalization_text])
     if weights_type != WeightsType.NONE:

@@ -153,7 +153,7 @@ def parse_network(text: str, library: str = "alexeyab") -> Network:
             if error.setting.startswith("["):
                 raise
             # the op's own rules know no cfg: say where in the cfg the refused value comes from
-            raise DarkspecError(f"{section.where(index)} {error.setting}", error.value, error.allowed,
+            raise DarkspecError(f"{section.where(index, error.setting)} {error.setting}", error.value, error.allowed,
                                 code=error.code, reason=error.reason) from None
         if isinstance(layer.op, ShortcutSection):
             deviations.update(layer.op.deviations)

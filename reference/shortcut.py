@@ -166,13 +166,14 @@ def check_inputs(x, froms, weights, params: ShortcutParams, dialect: Dialect):
     the same code; returns (x, froms, weights) as arrays, weights None without weights."""
     x = np.asarray(x)
     froms = [np.asarray(f) for f in froms]
-    if x.ndim != 4:
-        raise DarkspecError("x.shape", x.shape, "an NCHW array (4 dimensions)", code="bad-shape")
+    if x.ndim != 4 or min(x.shape) < 1:
+        raise DarkspecError("x.shape", x.shape, "an NCHW array (4 dimensions, each at least 1: a Darknet layer is "
+                            "never empty)", code="bad-shape")
     if x.dtype not in (np.float32, np.float64):
         raise DarkspecError("x.dtype", str(x.dtype), "float32, float64", code="bad-dtype")
     batch, channels, height, width = x.shape
     for i, f in enumerate(froms):
-        if f.ndim != 4 or f.shape[0] != batch:
+        if f.ndim != 4 or f.shape[0] != batch or min(f.shape) < 1:
             raise DarkspecError(
                 f"froms[{i}].shape", f.shape, f"an NCHW array with batch {batch}, like x", code="bad-shape"
             )

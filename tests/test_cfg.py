@@ -120,7 +120,7 @@ def test_errors_name_the_section_its_layer_index_and_its_line():
     cfg = NET + "[convolutional]\nfilters=3\n\n[shortcut]\nfrom=-1,\n"
     with pytest.raises(DarkspecError) as raised:
         parse_network(cfg)
-    assert "[shortcut] (layer 1) at line 9 from='-1,'" in str(raised.value)
+    assert "[shortcut] (layer 1) at line 10 from='-1,'" in str(raised.value)  # the line of the key, not of [shortcut]
 
 
 # --- from= ----------------------------------------------------------------------------------------------------
