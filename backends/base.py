@@ -48,6 +48,19 @@ class Prepared:
     result: Callable[[], Any]
 
 
+@dataclass(frozen=True)
+class OpCase:
+    """What a case of an op is, for :meth:`Backend.known_difference`: the op and dialect, and for ``shortcut`` its
+    settings and the NCHW shapes of x and of each from layer, for ``reorg3d``/``reorg`` the stride and direction."""
+
+    op: str
+    dialect: str
+    params: object = None
+    input_shapes: tuple = ()
+    stride: int = 1
+    reverse: bool = False
+
+
 class Backend:
     """Base class of backends. Subclasses set ``name`` and override ``capabilities`` and the op calls they
     support; ``availability`` returns None when the backend can run here, else the reason it cannot (and the fix).
@@ -78,6 +91,17 @@ class Backend:
     def quirks(self) -> frozenset:
         """The quirks (darkspec.reference.dialects.Quirk) the backend can reproduce on request."""
         return frozenset()
+
+    def probes(self) -> frozenset[Capability]:
+        """Capabilities the backend does not declare but can still run: the suite runs them and reports the
+        backend's actual result as a known difference (what a third-party runtime really does there)."""
+        return frozenset()
+
+    def known_difference(self, case: OpCase) -> str | None:
+        """Why the backend is known to compute this case differently from the reference, or None where it claims
+        to conform. The suite counts such a case not towards the capability but as a known difference, with the
+        measured error; every case of a probed capability needs a reason."""
+        return None
 
     @property
     def dialects(self) -> frozenset[str]:

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from darkspec.backends.base import REORG_DIALECT, Backend, capability_grid
+from darkspec.backends.base import Backend, capability_grid
 from darkspec.errors import DarkspecError
-from darkspec.reference.dialects import Dialect, parse_quirks
+from darkspec.reference.dialects import parse_quirks
 
 FIX = "install it with `pip install darkspec[onnx]` (onnx and onnxruntime)"
-#: What the exported graphs compute within the tolerance in onnxruntime (tests/test_onnx.py proves each).
-SHORTCUT_DIALECTS = tuple(d.value for d in Dialect)
-DTYPES = (np.float32, np.float64)
 
 
 def _modules():
@@ -37,8 +34,7 @@ class OnnxRuntimeBackend(Backend):
         return None
 
     def capabilities(self):
-        return capability_grid({"shortcut": SHORTCUT_DIALECTS, "reorg3d": (REORG_DIALECT,), "reorg": (REORG_DIALECT,)},
-                               DTYPES, passes={d: ("forward",) for d in (*SHORTCUT_DIALECTS, REORG_DIALECT)})
+        return frozenset(c for c in capability_grid() if c.pass_ == "forward")  # every op, dialect and dtype
 
     def version(self):
         export, onnxruntime = _modules()

@@ -25,6 +25,7 @@ BUILTIN = {
     "darknet": "darkspec.backends.darknet:DarknetBackend",
     "cupy": "darkspec.backends.cupy_backend:CupyBackend",
     "onnxruntime": "darkspec.backends.onnxruntime_backend:OnnxRuntimeBackend",
+    "opencv": "darkspec.backends.opencv_backend:OpenCVBackend",
 }
 class UnavailableBackend(Backend):
     """Stands in for a backend that cannot be loaded; it declares nothing and says why."""

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from darkspec.backends.base import Backend, BackendCrashed, Capability
+from darkspec.backends.base import Backend, BackendCrashed, Capability, OpCase
 from darkspec.errors import DarkspecError
 
 
@@ -99,6 +99,18 @@ class GuardedBackend(Backend):
             except TypeError:
                 raise BackendFault(f"quirks() returned {declared!r:.200}, expected a set of Quirk") from None
         return self._quirks
+
+    def probes(self) -> frozenset[Capability]:
+        probed = call(self.backend, "probes", {})
+        if not isinstance(probed, (set, frozenset, list, tuple)) or not all(isinstance(c, Capability) for c in probed):
+            raise BackendFault(f"probes() returned {probed!r:.200}, expected a set of Capability")
+        return frozenset(probed)
+
+    def known_difference(self, case: OpCase) -> str | None:
+        reason = call(self.backend, "known_difference", dict(case=case))
+        if reason is not None and not isinstance(reason, str):
+            raise BackendFault(f"known_difference() returned {reason!r:.200}, expected None or the reason as a str")
+        return reason
 
     def availability(self) -> str | None:
         reason = call(self.backend, "availability", {})

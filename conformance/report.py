@@ -17,6 +17,7 @@ from darkspec.errors import DarkspecError
 from darkspec.provenance import git_revision
 
 PASS, FAIL, UNSUPPORTED, UNAVAILABLE, ERROR = "pass", "FAIL", "unsupported", "unavailable", "ERROR"
+KNOWN = "known difference"
 
 
 def _columns():
@@ -30,17 +31,47 @@ REFUSALS = "refusals"
 
 def cell(report: BackendReport, label: str, refusals: bool = False) -> str:
     """One matrix cell: pass (checks run), FAIL (failed/run), unsupported, unavailable, or ERROR (the backend broke
-    the protocol before any check could run). ``refusals``: the refusals check's cell, else the other checks'."""
+    the protocol before any check could run); ``+ known difference`` (or only that) where the backend computes
+    some cases differently by its own account, listed with the measured error under the table. ``refusals``: the
+    refusals check's cell, else the other checks'."""
     if report.error:
         return ERROR
     if report.unavailable:
         return UNAVAILABLE
     results = [r for r in report.results if r.capability.label() == label and (r.check == REFUSALS) == refusals]
-    if not results:
-        return UNSUPPORTED
-    examples = sum(r.examples for r in results)
-    failures = sum(r.failures for r in results)
-    return f"{FAIL} {failures}/{examples}" if failures else f"{PASS} ({examples})"
+    claimed = [r for r in results if not r.known_difference]
+    known = KNOWN if len(claimed) < len(results) else ""
+    if not claimed:
+        return known or UNSUPPORTED
+    examples = sum(r.examples for r in claimed)
+    failures = sum(r.failures for r in claimed)
+    verdict = f"{FAIL} {failures}/{examples}" if failures else f"{PASS} ({examples})"
+    return f"{verdict} + {known}" if known else verdict
+
+
+def known_difference_line(backend_name: str, results) -> str:
+    """What the backend really computed where it is known to differ, over results of one capability and reason
+    (golden and properties): how many cases differ, the largest error measured, the first failure."""
+    results = list(results)
+    c, reason = results[0].capability, results[0].known_difference
+    examples, failures = sum(r.examples for r in results), sum(r.failures for r in results)
+    measured = [r for r in results if r.worst]
+    worst = max(measured, key=lambda r: r.worst_abs).worst if measured else ""
+    first = next((r.first_failure for r in results if r.first_failure), "")
+    text = f"{backend_name} {c.label()} {c.dtype}: {KNOWN}: {reason}: {failures}/{examples} cases differ"
+    if worst:
+        text += f"; worst: {worst}"
+    if first and first != worst:
+        text += f"; first: {first}"
+    return text
+
+
+def _known_groups(report: BackendReport) -> list[list]:
+    groups: dict[tuple, list] = {}
+    for result in report.results:
+        if result.known_difference:
+            groups.setdefault((result.capability, result.known_difference), []).append(result)
+    return list(groups.values())
 
 
 def table(reports: list[BackendReport], golden_problems=()) -> str:
@@ -53,6 +84,7 @@ def table(reports: list[BackendReport], golden_problems=()) -> str:
     notes += [f"{r.backend.name}: unavailable: {r.unavailable}" for r in reports if r.unavailable]
     notes += [f"{r.backend.name}: ERROR: {r.error}" for r in reports if r.error]
     for report in reports:
+        notes += [known_difference_line(report.backend.name, group) for group in _known_groups(report)]
         for result in report.results:
             if not result.passed:
                 notes.append(f"{report.backend.name} {result.capability.label()} {result.capability.dtype} "
@@ -86,7 +118,8 @@ def json_report(reports: list[BackendReport], profile: str, golden_problems=()) 
                 "results": [
                     {"op": x.capability.op, "dialect": x.capability.dialect, "dtype": x.capability.dtype,
                      "pass": x.capability.pass_, "device": x.capability.device, "check": x.check,
-                     "examples": x.examples, "failures": x.failures, "first_failure": x.first_failure or None}
+                     "examples": x.examples, "failures": x.failures, "first_failure": x.first_failure or None,
+                     "known_difference": x.known_difference or None, "worst": x.worst or None}
                     for x in r.results],
             }
             for r in reports
@@ -109,9 +142,13 @@ def junit_xml(reports: list[BackendReport]) -> str:
             cases += 1
         for result in report.results:
             c = result.capability
-            case = ET.SubElement(suite, "testcase", classname=f"{report.backend.name}.{c.op}.{c.dialect}",
-                                 name=f"{c.pass_}[{c.dtype},{c.device}] {result.check}")
-            if not result.passed:
+            name = f"{c.pass_}[{c.dtype},{c.device}] {result.check}"
+            if result.known_difference:
+                name += f" ({KNOWN}: {result.known_difference})"
+            case = ET.SubElement(suite, "testcase", classname=f"{report.backend.name}.{c.op}.{c.dialect}", name=name)
+            if result.known_difference:
+                ET.SubElement(case, "skipped", message=known_difference_line(report.backend.name, [result]))
+            elif not result.passed:
                 ET.SubElement(case, "failure", message=f"{result.failures}/{result.examples} failed").text = \
                     result.first_failure
             cases += 1
@@ -119,7 +156,8 @@ def junit_xml(reports: list[BackendReport]) -> str:
         suite.set("tests", str(cases))
         suite.set("failures", str(failures))
         suite.set("errors", "1" if report.error else "0")
-        suite.set("skipped", "1" if report.unavailable else "0")
+        skipped = int(bool(report.unavailable)) + sum(bool(r.known_difference) for r in report.results)
+        suite.set("skipped", str(skipped))
     return ET.tostring(suites, encoding="unicode")
 
 

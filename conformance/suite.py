@@ -6,6 +6,11 @@ Two kinds of check feed each capability (op, dialect, dtype, pass):
 - the golden cases (Darknet recordings and reference regression cases), replayed through the backend.
 
 A capability the backend does not declare is reported as unsupported, never run and never counted as passed.
+
+A case the backend names as a known difference (``Backend.known_difference``), and every case of a capability it
+only probes (``Backend.probes``), is run too but counted apart: a known-difference result per reason, with the
+backend's actual result (the largest error measured, or what it raised). It never fails the run; it answers "can I
+run this layer there?".
 """
 
 from __future__ import annotations
@@ -17,13 +22,13 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.strategies import SearchStrategy
 
-from darkspec.backends.base import REORG_DIALECT, Backend, Capability, capability_grid
+from darkspec.backends.base import REORG_DIALECT, Backend, Capability, OpCase, capability_grid
 from darkspec.backends.reference import ReferenceBackend
-from darkspec.conformance.compare import Tolerance, compare, largest_magnitude
+from darkspec.conformance.compare import Comparison, Tolerance, compare, largest_magnitude
 from darkspec.conformance.golden import Gate, gate
 from darkspec.conformance.guard import BackendFault, GuardedBackend
 from darkspec.conformance.ops import RECORDS, Call
-from darkspec.conformance.vectors import FAIL, PASS_OF_CRASH, recording_dialect, replay
+from darkspec.conformance.vectors import FAIL, PASS_OF_CRASH, op_case, recording_dialect, replay
 from darkspec.errors import DarkspecError
 from darkspec.reference import contract
 
@@ -38,23 +43,33 @@ _UPDATE_ARRAYS = {"weights_after_update", "weight_updates_after_update"}
 
 @dataclass
 class CheckResult:
-    """One check of one capability: how many examples ran, how many failed, and the first failure."""
+    """One check of one capability: how many examples ran, how many failed, and the first failure.
+
+    With ``known_difference`` (the backend's reason), the cases the backend says it computes differently: how many
+    of them differ, the worst measured comparison and the first failure; it is never a failure of the run."""
 
     capability: Capability
     check: str
     examples: int = 0
     failures: int = 0
     first_failure: str = ""
+    known_difference: str = ""
+    worst: str = ""
+    worst_abs: float = -1.0
 
     @property
     def passed(self) -> bool:
-        return self.failures == 0
+        return self.failures == 0 or bool(self.known_difference)
 
-    def add(self, problem: str | None):
+    def add(self, problem: Comparison | str | None, where: str = ""):
         self.examples += 1
         if problem:
             self.failures += 1
-            self.first_failure = self.first_failure or problem
+            text = problem if isinstance(problem, str) else problem.describe()
+            text = f"{where}: {text}" if where else text
+            self.first_failure = self.first_failure or text
+            if isinstance(problem, Comparison) and problem.max_abs > self.worst_abs:
+                self.worst, self.worst_abs = text, problem.max_abs
 
 
 @dataclass
@@ -73,12 +88,12 @@ class BackendReport:
 # --- property checks -------------------------------------------------------------------------------------------
 
 
-def _first_problem(named_pairs, tolerance: Tolerance) -> str | None:
-    """The first of (name, expected, actual[, own tolerance]) that fails, described; None if all pass."""
+def _first_problem(named_pairs, tolerance: Tolerance) -> Comparison | None:
+    """The first of (name, expected, actual[, own tolerance]) that fails; None if all pass."""
     for name, expected, actual, *own in named_pairs:
         comparison = compare(name, expected, np.asarray(actual), own[0] if own else tolerance)
         if not comparison.passed:
-            return comparison.describe()
+            return comparison
     return None
 
 
@@ -163,26 +178,54 @@ def _property_check(capability: Capability, backend) -> tuple[SearchStrategy, Ca
     return RECORDS[capability.op].cases(capability), check
 
 
-def run_property(backend, capability: Capability, examples: int) -> CheckResult:
+def strategy_case(capability: Capability, case) -> OpCase:
+    """A drawn case as the backend's :class:`OpCase`."""
+    if capability.op == "shortcut":
+        shapes = (case.x.shape, *(f.shape for f in case.froms)) if hasattr(case, "froms") else ()
+        return OpCase("shortcut", capability.dialect, getattr(case, "params", None), shapes)
+    return OpCase(capability.op, capability.dialect, input_shapes=(case.x.shape,), stride=case.stride,
+                  reverse=bool(case.reverse))
+
+
+def _reason(backend, capability: Capability, case: OpCase, probed: bool) -> str | None:
+    reason = backend.known_difference(case)
+    return reason or (f"{capability.label()} is not declared" if probed else None)
+
+
+def run_checks(backend, capability: Capability, examples: int, probed: bool = False) -> list[CheckResult]:
     """Draw ``examples`` cases (derandomized: the same cases every run) and record every failure; nothing is
-    shrunk, so the count is the count of failing draws."""
+    shrunk, so the count is the count of failing draws. The first result holds the cases the backend claims; then
+    one known-difference result per reason the backend gives (every case where ``probed``)."""
     strategy, check = _property_check(capability, backend)
-    result = CheckResult(capability, "properties")
+    claimed = CheckResult(capability, "properties")
+    known: dict[str, CheckResult] = {}
 
     @settings(max_examples=examples, derandomize=True, database=None, deadline=None, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck))
     @given(strategy)
     def run(case):
         try:
+            reason = _reason(backend, capability, strategy_case(capability, case), probed)
+        except BackendFault as fault:
+            claimed.add(str(fault))
+            return
+        try:
             problem = check(case)
         except BackendFault as fault:
             problem = str(fault)
         except Exception as error:  # a refusal where the reference computes, or the backend's own crash class
             problem = f"raised {type(error).__name__}: {error}"
-        result.add(problem)
+        target = claimed if reason is None else known.setdefault(
+            reason, CheckResult(capability, "properties", known_difference=reason))
+        target.add(problem)
 
     run()
-    return result
+    return [claimed, *known.values()]
+
+
+def run_property(backend, capability: Capability, examples: int) -> CheckResult:
+    """The property check of the cases the backend claims (see :func:`run_checks`)."""
+    return run_checks(backend, capability, examples)[0]
 
 
 # --- refusals ----------------------------------------------------------------------------------------------------
@@ -253,20 +296,31 @@ def _pass_of(array_name: str) -> str:
 def run_golden(backend, recordings) -> list[CheckResult]:
     """Replay every golden case; a case counts once towards the capability of each pass it compares. A case that
     fails without a comparison (the backend raised, or returned no array) counts against its forward."""
-    results: dict[Capability, CheckResult] = {}
+    results: dict[tuple, CheckResult] = {}
+
+    def add(capability, reason, problem, recording):
+        if capability is not None:
+            result = results.setdefault((capability, reason), CheckResult(capability, "golden",
+                                                                          known_difference=reason or ""))
+            result.add(problem, where=recording.name)
+
     for recording in recordings:
+        try:
+            case = op_case(recording)
+            reason = None if case is None else backend.known_difference(case)
+        except BackendFault as fault:
+            add(_golden_capability(backend, recording, "output"), None, str(fault), recording)
+            continue
         outcome = replay(recording, backend)
-        problems: dict[Capability, str | None] = {}
+        problems: dict[Capability, Comparison | str | None] = {}
         for comparison in outcome.comparisons:
             capability = _golden_capability(backend, recording, comparison.name)
             if capability is not None and not problems.get(capability):
-                problems[capability] = None if comparison.passed else f"{recording.name}: {comparison.describe()}"
+                problems[capability] = None if comparison.passed else comparison
         if outcome.verdict == FAIL and not any(problems.values()):
-            capability = _golden_capability(backend, recording, "output")
-            if capability is not None:
-                problems[capability] = f"{recording.name}: {outcome.detail}"
+            problems[_golden_capability(backend, recording, "output")] = outcome.detail
         for capability, problem in problems.items():
-            results.setdefault(capability, CheckResult(capability, "golden")).add(problem)
+            add(capability, reason, problem, recording)
     return list(results.values())
 
 
@@ -310,9 +364,16 @@ def run_suite(backend: Backend, profile: str = "ci", golden=(), stop_at_first_fa
         report.results += [r for r in run_golden(backend, golden.recordings) if r.capability in declared]
         if stop_at_first_failure and report.failed:
             return report
-    for capability in declared:
-        report.results.append(run_property(backend, capability, PROFILES[profile]))
-        report.results.append(run_refusals(backend, capability))
+    try:
+        probed = sorted(backend.probes() - set(declared))
+    except BackendFault as fault:
+        report.error = str(fault)
+        return report
+    for capability in [*declared, *probed]:
+        claimed, *known = run_checks(backend, capability, PROFILES[profile], probed=capability in probed)
+        report.results += [claimed, *known] if claimed.examples or not known else known
+        if capability in declared:
+            report.results.append(run_refusals(backend, capability))
         if stop_at_first_failure and report.failed:
             break
     return report

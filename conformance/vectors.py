@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from darkspec.backends.base import REORG_DIALECT, BackendCrashed
+from darkspec.backends.base import REORG_DIALECT, BackendCrashed, OpCase
 from darkspec.backends.reference import ReferenceBackend
 from darkspec.conformance import recordings as rec
 from darkspec.conformance.compare import Comparison, Tolerance, compare, largest_magnitude, tolerance_for
@@ -98,6 +98,25 @@ def _cfg_of(recording: rec.Recording) -> str:
     if recording.params.get("harness_env") and recording.params.get("rejected_cfg"):
         return recording.params["rejected_cfg"]["cfg"]
     return recording.cfg
+
+
+def op_case(recording: rec.Recording) -> OpCase | None:
+    """The recording's layer as an :class:`OpCase` (what ``Backend.known_difference`` judges); None where darkspec
+    refuses its cfg or the layer is none of darkspec's ops."""
+    dialect, _ = recording_dialect(recording)
+    try:
+        network = parse_network(_cfg_of(recording), "pjreddie" if dialect == Dialect.PJREDDIE else "alexeyab")
+    except DarkspecError:
+        return None
+    layer = network.layers[-1] if network.layers else None
+    if layer is None or layer.op is None:
+        return None
+    if isinstance(layer.op, ReorgSection):
+        return OpCase(layer.type, REORG_DIALECT, input_shapes=((network.batch, *layer.input_shape),),
+                      stride=layer.op.stride, reverse=layer.op.reverse)
+    shapes = [(network.batch, *layer.input_shape)]
+    shapes += [(network.batch, *network.layers[i].output_shape) for i in layer.op.from_layers]
+    return OpCase("shortcut", dialect.value, layer.op.params, tuple(shapes))
 
 
 def _deliberate(codes) -> str:

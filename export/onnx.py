@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from darkspec.errors import DarkspecError
 from darkspec.reference import activations, reorg
+from darkspec.reference.contract import NORMALIZATION_EPS, relu_floor_of
 from darkspec.reference.dialects import Dialect, parse_dialect
 from darkspec.reference.network import ReorgSection, parse_network
 from darkspec.reference.contract import NORMALIZATION_EPS, relu_floor_of

@@ -17,14 +17,14 @@ from darkspec.conformance import strategies  # noqa: E402
 from darkspec.conformance.compare import compare, largest_magnitude, tolerance_for  # noqa: E402
 from darkspec.errors import DarkspecError  # noqa: E402
 from darkspec.export import onnx as export  # noqa: E402
-from darkspec.reference import activations, reorg, shortcut  # noqa: E402
+from darkspec.reference import activations, contract, reorg, shortcut  # noqa: E402
 from darkspec.reference.network import parse_network  # noqa: E402
 from darkspec.reference.shortcut import Normalization, ShortcutParams, WeightsType  # noqa: E402
 
 REAL_CFGS = Path(__file__).resolve().parents[2] / "shared" / "darknet-cfg"
 RUNTIME = OnnxRuntimeBackend()
 TRAINING_FORWARDS = ("darknet-cpu", "darknet-gpu", "darknet-inference", "exact")
-EVALUATED = tuple(n for n in activations.ALEXEYAB_NAMES if n not in activations.SHORTCUT_UNEVALUATED)
+EVALUATED = contract.evaluated_activations("darknet-cpu")
 
 
 def _run(model, x, froms):
