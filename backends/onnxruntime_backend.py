@@ -40,25 +40,40 @@ class OnnxRuntimeBackend(Backend):
         export, onnxruntime = _modules()
         return f"onnxruntime {onnxruntime.__version__}, onnx {export.onnx.__version__}, opset {export.OPSET}"
 
-    def run(self, model, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """Run one exported model on the CPU provider: its output ``y``."""
+    def session(self, model):
+        """An onnxruntime session of one exported model on the CPU provider, one thread."""
         _, onnxruntime = _modules()
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = 1
         options.log_severity_level = 3
-        session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return session.run(["y"], inputs)[0]
+        return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
-    def shortcut_forward(self, x, froms, weights, *, params, dialect, quirks=frozenset(), from_input_shapes=None):
-        if parse_quirks(quirks):
-            raise DarkspecError("quirks", sorted(q.value for q in parse_quirks(quirks)), "none: the ONNX export does "
-                                "not reproduce Darknet's bugs", code="quirk-not-declared")
+    def run(self, model, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Run one exported model: its output ``y``."""
+        return self.session(model).run(["y"], inputs)[0]
+
+    def _model(self, op, inputs, settings):
+        """The exported model of an op call, and its feeds."""
         export, _ = _modules()
-        x, froms = np.asarray(x), [np.asarray(f) for f in froms]
-        model = export.shortcut_model(params, [x.shape, *(f.shape for f in froms)], weights, dialect, x.dtype)
-        return self.run(model, {"x": x, **{f"from{i}": f for i, f in enumerate(froms)}})
+        x = np.asarray(inputs["x"])
+        if op != "shortcut":
+            return export.reorg_model(x.shape, settings["stride"], settings["reverse"], op == "reorg", x.dtype), {"x": x}
+        if parse_quirks(settings.get("quirks", ())):
+            raise DarkspecError("quirks", sorted(q.value for q in parse_quirks(settings["quirks"])), "none: the ONNX "
+                                "export does not reproduce Darknet's bugs", code="quirk-not-declared")
+        froms = [np.asarray(f) for f in inputs["froms"]]
+        model = export.shortcut_model(settings["params"], [x.shape, *(f.shape for f in froms)], inputs["weights"],
+                                      settings["dialect"], x.dtype)
+        return model, {"x": x, **{f"from{i}": f for i, f in enumerate(froms)}}
+
+    def prepare_forward(self, op, inputs, settings):
+        """The session built once: what is timed is onnxruntime running the graph."""
+        model, feeds = self._model(op, inputs, settings)
+        session = self.session(model)
+        return lambda: session.run(["y"], feeds)
+
+    def shortcut_forward(self, x, froms, weights, **settings):
+        return self.run(*self._model("shortcut", dict(x=x, froms=froms, weights=weights), settings))
 
     def reorg_forward(self, x, stride, reverse, old):
-        export, _ = _modules()
-        x = np.asarray(x)
-        return self.run(export.reorg_model(x.shape, stride, reverse, old, x.dtype), {"x": x})
+        return self.run(*self._model("reorg" if old else "reorg3d", dict(x=x), dict(stride=stride, reverse=reverse)))

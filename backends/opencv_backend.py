@@ -37,11 +37,14 @@ def _cv2():
     return cv2
 
 
-def _what(error) -> str:
-    """The message of a cv2.error without its source location: "Unsupported activation: relu6 in ..."."""
+def _refused(cv2, cfg_text: str, error) -> DarkspecError:
+    """OpenCV's cv2.error as darkspec's refusal, naming the layer and OpenCV's message without its source location
+    ("Unsupported activation: relu6 in function 'setActivation'")."""
     text = " ".join(str(error).split())
     match = re.search(r"error: \(-?\d+:[^)]*\) (.*)", text)
-    return match.group(1) if match else text
+    return DarkspecError("cfg", cfg_text.strip().split("\n\n")[-1].replace("\n", " "),
+                         "a cfg OpenCV's Darknet importer accepts", code="opencv-refused",
+                         reason=f"OpenCV {cv2.__version__}: {match.group(1) if match else text}")
 
 
 @dataclass
@@ -156,6 +159,10 @@ class OpenCVBackend(Backend):
     def run_cfg(self, cfg_text: str, weights: bytes, blob: np.ndarray) -> np.ndarray:
         """OpenCV's output of the last layer of a Darknet cfg and weights file, on one input blob (NCHW float32).
         OpenCV's refusal (cv2.error) is a DarkspecError with code ``opencv-refused`` and OpenCV's message."""
+        return self.prepare_cfg(cfg_text, weights, blob)()
+
+    def prepare_cfg(self, cfg_text: str, weights: bytes, blob: np.ndarray):
+        """The net read and its input set once; the callable runs OpenCV's forward (refusals as in run_cfg)."""
         cv2 = _cv2()
         with tempfile.TemporaryDirectory(prefix="darkspec-opencv-") as folder:
             cfg_path, weights_path = Path(folder) / "case.cfg", Path(folder) / "case.weights"
@@ -169,19 +176,40 @@ class OpenCVBackend(Backend):
                 net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
                 net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
                 net.setInput(np.ascontiguousarray(blob, np.float32))
-                return np.array(net.forward(), dtype=np.float32)
             except cv2.error as error:
-                raise DarkspecError("cfg", cfg_text.strip().split("\n\n")[-1].replace("\n", " "),
-                                    "a cfg OpenCV's Darknet importer accepts", code="opencv-refused",
-                                    reason=f"OpenCV {cv2.__version__}: {_what(error)}") from None
+                raise _refused(cv2, cfg_text, error) from None
             finally:
                 logging.setLogLevel(level)
 
-    def _run_case(self, cfg: _Cfg, blob: np.ndarray, library: str) -> np.ndarray:
-        network = parse_network(cfg.text(), library)
-        return self.run_cfg(cfg.text(), write_weights(network, cfg.weights), blob)
+        def forward():
+            logging.setLogLevel(logging.LOG_LEVEL_SILENT)
+            try:
+                return np.array(net.forward(), dtype=np.float32)
+            except cv2.error as error:
+                raise _refused(cv2, cfg_text, error) from None
+            finally:
+                logging.setLogLevel(level)
 
-    def shortcut_forward(self, x, froms, weights, *, params, dialect, quirks=frozenset(), from_input_shapes=None):
+        return forward
+
+    def _prepare_case(self, cfg: _Cfg, blob: np.ndarray, library: str):
+        network = parse_network(cfg.text(), library)
+        return self.prepare_cfg(cfg.text(), write_weights(network, cfg.weights), blob)
+
+    def prepare_forward(self, op, inputs, settings):
+        """The case's net built once; what is timed is OpenCV's forward of the whole net, the 1x1 convolutions that
+        pick the inputs out of the blob included: an upper bound of the layer's own time."""
+        if op == "shortcut":
+            return self._shortcut_case(inputs["x"], inputs["froms"], inputs["weights"], **settings)
+        return self._reorg_case(inputs["x"], settings["stride"], settings["reverse"], op == "reorg")
+
+    def shortcut_forward(self, x, froms, weights, **settings):
+        return self._shortcut_case(x, froms, weights, **settings)()
+
+    def reorg_forward(self, x, stride, reverse, old):
+        return self._reorg_case(x, stride, reverse, old)()
+
+    def _shortcut_case(self, x, froms, weights, *, params, dialect, quirks=frozenset(), from_input_shapes=None):
         if parse_quirks(quirks):
             raise DarkspecError("quirks", sorted(q.value for q in parse_quirks(quirks)), "none: OpenCV's importer "
                                 "does not reproduce Darknet's bugs", code="quirk-not-declared")
@@ -197,10 +225,10 @@ class OpenCVBackend(Backend):
                             weights_normalization=params.weights_normalization.value)
         section = "[shortcut]\n" + "".join(f"{key}={value}\n" for key, value in settings.items())
         cfg.add(section, None if weights is None else {"weights": np.asarray(weights, np.float32)})
-        return self._run_case(cfg, blob, library)
+        return self._prepare_case(cfg, blob, library)
 
-    def reorg_forward(self, x, stride, reverse, old):
+    def _reorg_case(self, x, stride, reverse, old):
         x = np.asarray(x, np.float32)
         cfg, blob, _ = _inputs_cfg([x])
         cfg.add(f"[{'reorg' if old else 'reorg3d'}]\nstride={int(stride)}\nreverse={int(bool(reverse))}\n")
-        return self._run_case(cfg, blob, "alexeyab")
+        return self._prepare_case(cfg, blob, "alexeyab")
