@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from darkspec.backends.base import Backend, capability_grid
+from darkspec.backends.base import Backend, Prepared, capability_grid
 from darkspec.errors import DarkspecError
 from darkspec.reference.dialects import parse_quirks
 
@@ -66,11 +66,17 @@ class OnnxRuntimeBackend(Backend):
                                       settings["dialect"], x.dtype)
         return model, {"x": x, **{f"from{i}": f for i, f in enumerate(froms)}}
 
-    def prepare_forward(self, op, inputs, settings):
-        """The session built once: what is timed is onnxruntime running the graph."""
+    def prepare(self, op, pass_, inputs, settings):
+        """The forward's session built once: what is timed is onnxruntime running the graph."""
+        if pass_ != "forward":
+            return None
         model, feeds = self._model(op, inputs, settings)
-        session = self.session(model)
-        return lambda: session.run(["y"], feeds)
+        session, outputs = self.session(model), []
+
+        def run():
+            outputs[:] = session.run(["y"], feeds)
+
+        return Prepared(run, lambda: outputs[0])
 
     def shortcut_forward(self, x, froms, weights, **settings):
         return self.run(*self._model("shortcut", dict(x=x, froms=froms, weights=weights), settings))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from darkspec.backends.base import REORG_DIALECT, Backend, Capability, OpCase, capability_grid
+from darkspec.backends.base import REORG_DIALECT, Backend, Capability, OpCase, Prepared, capability_grid
 from darkspec.errors import DarkspecError
 from darkspec.reference.dialects import Dialect, parse_quirks
 from darkspec.reference.network import parse_network
@@ -196,12 +196,21 @@ class OpenCVBackend(Backend):
         network = parse_network(cfg.text(), library)
         return self.prepare_cfg(cfg.text(), write_weights(network, cfg.weights), blob)
 
-    def prepare_forward(self, op, inputs, settings):
+    def prepare(self, op, pass_, inputs, settings):
         """The case's net built once; what is timed is OpenCV's forward of the whole net, the 1x1 convolutions that
         pick the inputs out of the blob included: an upper bound of the layer's own time."""
+        if pass_ != "forward":
+            return None
         if op == "shortcut":
-            return self._shortcut_case(inputs["x"], inputs["froms"], inputs["weights"], **settings)
-        return self._reorg_case(inputs["x"], settings["stride"], settings["reverse"], op == "reorg")
+            forward = self._shortcut_case(inputs["x"], inputs["froms"], inputs["weights"], **settings)
+        else:
+            forward = self._reorg_case(inputs["x"], settings["stride"], settings["reverse"], op == "reorg")
+        outputs = []
+
+        def run():
+            outputs[:] = [forward()]
+
+        return Prepared(run, lambda: outputs[0])
 
     def shortcut_forward(self, x, froms, weights, **settings):
         return self._shortcut_case(x, froms, weights, **settings)()
