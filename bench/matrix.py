@@ -212,7 +212,7 @@ def run_case(case: Case, shape, dtype, backends, profile: Profile, torch, compil
     sets = make_sets(case, shape, dtype, count, rng)
     contenders = []
     for backend in backends:
-        capability = cont.capability_for(backend, case, dtype)
+        capability = cont.capability_for(backend, case, dtype, shape)
         if capability is None:
             continue
         try:

@@ -79,3 +79,13 @@ def test_a_known_difference_that_is_not_a_reason_is_a_failure():
     report = run_suite(Broken(), "quick")
     assert report.failed
     assert any("known_difference() returned" in r.first_failure for r in report.results)
+
+
+def test_the_bench_does_not_time_a_known_difference():
+    from darkspec.bench.cases import Case
+    from darkspec.bench.contenders import capability_for
+
+    shape = (1, 4, 8, 8)
+    weighted = Case("shortcut", "forward", n_from=1, weights_type="per_channel", normalization="softmax")
+    assert capability_for(IgnoresWeights(), weighted, "float32", shape) is None
+    assert capability_for(IgnoresWeights(), Case("shortcut", "forward", n_from=1), "float32", shape) == FORWARD
