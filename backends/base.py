@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from darkspec.errors import DarkspecError
 from darkspec.reference import contract
 from darkspec.reference.contract import REORG_DIALECT
 
@@ -55,7 +56,7 @@ class OpCase:
 
     op: str
     dialect: str
-    params: object = None
+    params: Any = None
     input_shapes: tuple = ()
     stride: int = 1
     reverse: bool = False
@@ -153,3 +154,22 @@ def capability_grid(ops: dict[str, tuple[str, ...]] | None = None, dtypes=None, 
         for pass_ in contract.passes(op, dialect)
         if pass_ in restricted.get(dialect, contract.passes(op, dialect))
     )
+
+
+class ForwardOnlyBackend(Backend):
+    """A backend that runs forwards only (an inference runtime): a backward or an update is refused, with the
+    spec's code where the dialect has no such pass, else with ``pass-not-declared``."""
+
+    def _refuse(self, op: str, dialect, pass_: str):
+        contract.require_pass(op, dialect, pass_)
+        raise DarkspecError("pass", pass_, f"forward (the {self.name} backend runs inference only)",
+                            code="pass-not-declared")
+
+    def shortcut_backward(self, x, froms, weights, delta, *, dialect, **settings):
+        self._refuse("shortcut", dialect, "backward")
+
+    def shortcut_update(self, weights, weight_updates, hyper, dialect):
+        self._refuse("shortcut", dialect, "update")
+
+    def reorg_backward(self, delta, stride, reverse, old, previous_delta):
+        self._refuse("reorg" if old else "reorg3d", REORG_DIALECT, "backward")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from darkspec.backends.base import Backend, Prepared, capability_grid
+from darkspec.backends.base import ForwardOnlyBackend, Prepared, capability_grid
 from darkspec.errors import DarkspecError
-from darkspec.reference.dialects import parse_quirks
+from darkspec.reference import shortcut
 
 FIX = "install it with `pip install darkspec[onnx]` (onnx and onnxruntime)"
 
@@ -23,7 +23,7 @@ def _modules():
     return export, onnxruntime
 
 
-class OnnxRuntimeBackend(Backend):
+class OnnxRuntimeBackend(ForwardOnlyBackend):
     name = "onnxruntime"
 
     def availability(self):
@@ -57,13 +57,16 @@ class OnnxRuntimeBackend(Backend):
         export, _ = _modules()
         x = np.asarray(inputs["x"])
         if op != "shortcut":
-            return export.reorg_model(x.shape, settings["stride"], settings["reverse"], op == "reorg", x.dtype), {"x": x}
-        if parse_quirks(settings.get("quirks", ())):
-            raise DarkspecError("quirks", sorted(q.value for q in parse_quirks(settings["quirks"])), "none: the ONNX "
-                                "export does not reproduce Darknet's bugs", code="quirk-not-declared")
-        froms = [np.asarray(f) for f in inputs["froms"]]
-        model = export.shortcut_model(settings["params"], [x.shape, *(f.shape for f in froms)], inputs["weights"],
-                                      settings["dialect"], x.dtype)
+            model = export.reorg_model(x.shape, settings["stride"], settings["reverse"], op == "reorg", x.dtype)
+            return model, {"x": x}
+        x, froms, weights, dialect, quirks = shortcut.check_call(
+            "forward", x, inputs["froms"], inputs["weights"], settings["params"], settings["dialect"],
+            settings.get("quirks", ()))
+        if quirks:
+            raise DarkspecError("quirks", sorted(q.value for q in quirks), "none: the ONNX export does not reproduce "
+                                "Darknet's bugs", code="quirk-not-declared")
+        model = export.shortcut_model(settings["params"], [x.shape, *(f.shape for f in froms)], weights, dialect,
+                                      x.dtype)
         return model, {"x": x, **{f"from{i}": f for i, f in enumerate(froms)}}
 
     def prepare(self, op, pass_, inputs, settings):

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from darkspec.backends.base import REORG_DIALECT, Backend, Capability, OpCase, Prepared, capability_grid
+from darkspec.backends.base import REORG_DIALECT, Capability, ForwardOnlyBackend, OpCase, Prepared, capability_grid
 from darkspec.errors import DarkspecError
-from darkspec.reference.dialects import Dialect, parse_quirks
+from darkspec.reference import reorg, shortcut
+from darkspec.reference.dialects import Dialect
 from darkspec.reference.network import parse_network
 from darkspec.reference.shortcut import WeightsType
 from darkspec.reference.weights import write_weights
@@ -73,6 +74,11 @@ def _picker(blob_channels: int, offset: int, channels: int, stride: int) -> tupl
     return section, {"biases": np.zeros(channels, np.float32), "weights": weights}
 
 
+def _check_float32(x: np.ndarray):
+    if x.dtype != np.float32:
+        raise DarkspecError("x.dtype", str(x.dtype), "float32 (OpenCV's DNN computes in float32)", code="bad-dtype")
+
+
 def _blob(arrays) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
     """All inputs in one blob: stacked along the channels, each smaller one on a grid of stride blob size / its
     size. Returns the blob and, per input, (channel offset, channels, stride)."""
@@ -110,7 +116,7 @@ def _inputs_cfg(arrays) -> tuple[_Cfg, np.ndarray, list[int]]:
     return cfg, blob, layers
 
 
-class OpenCVBackend(Backend):
+class OpenCVBackend(ForwardOnlyBackend):
     name = "opencv"
 
     def availability(self):
@@ -219,10 +225,12 @@ class OpenCVBackend(Backend):
         return self._reorg_case(x, stride, reverse, old)()
 
     def _shortcut_case(self, x, froms, weights, *, params, dialect, quirks=frozenset(), from_input_shapes=None):
-        if parse_quirks(quirks):
-            raise DarkspecError("quirks", sorted(q.value for q in parse_quirks(quirks)), "none: OpenCV's importer "
-                                "does not reproduce Darknet's bugs", code="quirk-not-declared")
-        x, froms = np.asarray(x, np.float32), [np.asarray(f, np.float32) for f in froms]
+        x, froms, weights, dialect, quirks = shortcut.check_call("forward", x, froms, weights, params, dialect, quirks)
+        _check_float32(x)
+        if quirks:
+            raise DarkspecError("quirks", sorted(q.value for q in quirks), "none: OpenCV's importer does not "
+                                "reproduce Darknet's bugs", code="quirk-not-declared")
+        dialect = dialect.value
         cfg, blob, layers = _inputs_cfg([*froms, x])
         settings = {"from": ",".join(str(layer) for layer in layers[:-1]), "activation": params.activation}
         library = "pjreddie" if dialect == Dialect.PJREDDIE.value else "alexeyab"
@@ -237,7 +245,9 @@ class OpenCVBackend(Backend):
         return self._prepare_case(cfg, blob, library)
 
     def _reorg_case(self, x, stride, reverse, old):
-        x = np.asarray(x, np.float32)
+        x = np.asarray(x)
+        reorg.plan(reorg.REORG_OLD if old else reorg.REORG3D, x.shape, stride, reverse)
+        _check_float32(x)
         cfg, blob, _ = _inputs_cfg([x])
         cfg.add(f"[{'reorg' if old else 'reorg3d'}]\nstride={int(stride)}\nreverse={int(bool(reverse))}\n")
         return self._prepare_case(cfg, blob, "alexeyab")

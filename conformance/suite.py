@@ -317,8 +317,9 @@ def run_golden(backend, recordings) -> list[CheckResult]:
             capability = _golden_capability(backend, recording, comparison.name)
             if capability is not None and not problems.get(capability):
                 problems[capability] = None if comparison.passed else comparison
-        if outcome.verdict == FAIL and not any(problems.values()):
-            problems[_golden_capability(backend, recording, "output")] = outcome.detail
+        forward = _golden_capability(backend, recording, "output")
+        if outcome.verdict == FAIL and not any(problems.values()) and forward is not None:
+            problems[forward] = outcome.detail
         for capability, problem in problems.items():
             add(capability, reason, problem, recording)
     return list(results.values())

@@ -27,7 +27,6 @@ from darkspec.reference import activations, reorg
 from darkspec.reference.contract import NORMALIZATION_EPS, relu_floor_of
 from darkspec.reference.dialects import Dialect, parse_dialect
 from darkspec.reference.network import ReorgSection, parse_network
-from darkspec.reference.contract import NORMALIZATION_EPS, relu_floor_of
 from darkspec.reference.shortcut import (
     Normalization,
     ShortcutParams,
@@ -50,6 +49,8 @@ class _Graph:
 
     def __init__(self, dtype):
         self.dtype = np.dtype(dtype)
+        if self.dtype not in _ELEMENT_TYPES:
+            raise DarkspecError("dtype", str(self.dtype), "float32, float64", code="bad-dtype")
         self.nodes: list = []
         self.initializers: list = []
         self._names = 0
