@@ -9,6 +9,7 @@ from darkspec.backends.base import Capability
 from darkspec.backends.reference import ReferenceBackend
 from darkspec.conformance.report import KNOWN, cell, json_report, junit_xml, table
 from darkspec.conformance.suite import run_suite
+from darkspec.errors import DarkspecError
 from darkspec.reference import shortcut
 from darkspec.reference.shortcut import WeightsType
 
@@ -31,7 +32,10 @@ class IgnoresWeights(ReferenceBackend):
             return "weights ignored"
         return None
 
-    def shortcut_forward(self, x, froms, weights, *, params, dialect, **_):
+    def shortcut_forward(self, x, froms, weights, *, params, dialect, quirks=frozenset(), **_):
+        shortcut.check_call("forward", x, froms, weights, params, dialect, quirks)  # the spec's refusals
+        if x.dtype != np.float32:
+            raise DarkspecError("x.dtype", str(x.dtype), "float32", code="bad-dtype")
         unweighted = shortcut.ShortcutParams(activation=params.activation)
         return shortcut.forward(x, froms, None, unweighted, dialect)
 

@@ -185,8 +185,8 @@ def test_an_opencv_without_the_darknet_importer_is_unavailable(monkeypatch):
 
 
 def test_inputs_of_sizes_no_blob_can_hold_are_refused():
-    x, = _inputs(channels=(2,), size=(2, 3))
-    odd, = _inputs(channels=(2,), size=(3, 3))
+    x, = _inputs(channels=(2,), size=(4, 4))
+    odd, = _inputs(channels=(2,), size=(6, 6))  # pjreddie's rule meets them 1:1; 6 is no multiple of 4
     with pytest.raises(DarkspecError) as error:
         _forward(x, [odd], dialect="pjreddie")
     assert error.value.code == "opencv-shape-unbuildable"
