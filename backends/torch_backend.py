@@ -441,7 +441,7 @@ class TorchBackend(Backend):
         x, froms, weights, dialect, quirks = check_call(pass_, x, froms, weights, params, dialect, quirks)
         if quirks:
             raise DarkspecError("quirks", sorted(q.value for q in quirks), "none (the torch backend reproduces no "
-                                "quirk; see its quirks())", code="unknown-quirk")
+                                "quirk; see its quirks())", code="quirk-not-reproduced")
         return x, froms, weights
 
     def _module(self, x, froms, weights, params, dialect) -> WeightedShortcut:

@@ -154,3 +154,16 @@ def test_exact_float32_activation_derivatives_do_not_cancel(activation):
     actual = TorchBackend().shortcut_backward(x, froms, None, delta, params=params, dialect="exact")
     tolerance = tolerance_for(np.float32, largest_magnitude(x, delta, expected.delta))
     assert compare("delta", expected.delta, actual.delta, tolerance).passed
+
+
+def test_a_quirk_it_cannot_reproduce_is_refused():
+    # Darknet's bug asked for and silently not reproduced would be a wrong answer: refused instead.
+    x = np.ones((1, 2, 2, 2), np.float32)
+    with pytest.raises(DarkspecError) as raised:
+        TorchBackend().shortcut_forward(x, [x], None, params=ShortcutParams(activation="relu6"), dialect="darknet-cpu",
+                                        quirks=["cpu-relu6-zero"])
+    assert raised.value.code == "quirk-not-reproduced"
+    with pytest.raises(DarkspecError) as raised:
+        TorchBackend().shortcut_forward(x, [x], None, params=ShortcutParams(), dialect="darknet-cpu",
+                                        quirks=["no-such-quirk"])
+    assert raised.value.code == "unknown-quirk"
