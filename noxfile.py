@@ -13,9 +13,13 @@ STRICT_EDITABLE = ("--config-settings", "editable_mode=strict", "-e")
 
 @nox.session
 def conformance(session):
-    """The conformance matrix of every known backend, with JSON and JUnit reports in reports/."""
-    session.install(*CONSTRAINTS, ".[torch,onnx,opencv]")
+    """The conformance matrix of every known backend through the pytest plugin (one xdist worker per core), with
+    reports/conformance.json and reports/conformance.xml; then the out-of-tree example backend, installed as a
+    backend author installs theirs, through ``pytest --darkspec-backend toy`` in an empty directory."""
+    session.install(*CONSTRAINTS, ".[torch,onnx,opencv]", "./examples/toy_backend")
     session.run("darkspec", "conformance", *session.posargs)
+    session.chdir(session.create_tmp())
+    session.run("pytest", "--darkspec-backend", "toy", "-n", "2", "-p", "no:cacheprovider")
 
 
 @nox.session

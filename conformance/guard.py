@@ -91,6 +91,13 @@ class GuardedBackend(Backend):
             self._capabilities = frozenset(declared)
         return self._capabilities
 
+    def limited_to(self, capabilities) -> "GuardedBackend":
+        """The same backend, declaring only those of its capabilities given (a replay then runs no other pass)."""
+        view = GuardedBackend(self.backend)
+        view._capabilities = self.capabilities() & frozenset(capabilities)
+        view._quirks = self.quirks()
+        return view
+
     def quirks(self) -> frozenset:
         if self._quirks is None:
             declared = call(self.backend, "quirks", {})

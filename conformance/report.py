@@ -1,10 +1,10 @@
-"""The conformance matrix: a terminal table, a JSON report and JUnit XML, from the suite's results."""
+"""The conformance matrix: a terminal table and a JSON report, from the suite's results (the JUnit XML comes
+from pytest, which runs the suite: darkspec.conformance.plugin)."""
 
 from __future__ import annotations
 
 import json
 import platform
-import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -13,11 +13,11 @@ from tabulate import tabulate
 
 import darkspec
 from darkspec.conformance.suite import PROFILES, BackendReport, all_capabilities
-from darkspec.errors import DarkspecError
 from darkspec.provenance import git_revision
 
 PASS, FAIL, UNSUPPORTED, UNAVAILABLE, ERROR = "pass", "FAIL", "unsupported", "unavailable", "ERROR"
 KNOWN = "known difference"
+NOT_RUN = "not run"
 
 
 def _columns():
@@ -30,10 +30,10 @@ REFUSALS = "refusals"
 
 
 def cell(report: BackendReport, label: str, refusals: bool = False) -> str:
-    """One matrix cell: pass (checks run), FAIL (failed/run), unsupported, unavailable, or ERROR (the backend broke
-    the protocol before any check could run); ``+ known difference`` (or only that) where the backend computes
-    some cases differently by its own account, listed with the measured error under the table. ``refusals``: the
-    refusals check's cell, else the other checks'."""
+    """One matrix cell: pass (checks run), FAIL (failed/run), unsupported, unavailable, ERROR (the backend broke
+    the protocol before any check could run), or not run (declared, but left out by a selection); ``+ known
+    difference`` (or only that) where the backend computes some cases differently by its own account, listed with
+    the measured error under the table. ``refusals``: the refusals check's cell, else the other checks'."""
     if report.error:
         return ERROR
     if report.unavailable:
@@ -42,7 +42,8 @@ def cell(report: BackendReport, label: str, refusals: bool = False) -> str:
     claimed = [r for r in results if not r.known_difference]
     known = KNOWN if len(claimed) < len(results) else ""
     if not claimed:
-        return known or UNSUPPORTED
+        declared = any(c.label() == label for c in report.backend.capabilities())
+        return known or (NOT_RUN if declared else UNSUPPORTED)
     examples = sum(r.examples for r in claimed)
     failures = sum(r.failures for r in claimed)
     verdict = f"{FAIL} {failures}/{examples}" if failures else f"{PASS} ({examples})"
@@ -127,56 +128,9 @@ def json_report(reports: list[BackendReport], profile: str, golden_problems=()) 
     }
 
 
-def junit_xml(reports: list[BackendReport]) -> str:
-    suites = ET.Element("testsuites", name="darkspec conformance")
-    for report in reports:
-        suite = ET.SubElement(suites, "testsuite", name=report.backend.name)
-        cases = 0
-        if report.unavailable:
-            case = ET.SubElement(suite, "testcase", classname=report.backend.name, name="availability")
-            ET.SubElement(case, "skipped", message=f"unavailable: {report.unavailable}")
-            cases += 1
-        if report.error:
-            case = ET.SubElement(suite, "testcase", classname=report.backend.name, name="protocol")
-            ET.SubElement(case, "error", message=report.error)
-            cases += 1
-        for result in report.results:
-            c = result.capability
-            name = f"{c.pass_}[{c.dtype},{c.device}] {result.check}"
-            if result.known_difference:
-                name += f" ({KNOWN}: {result.known_difference})"
-            case = ET.SubElement(suite, "testcase", classname=f"{report.backend.name}.{c.op}.{c.dialect}", name=name)
-            if result.known_difference:
-                ET.SubElement(case, "skipped", message=known_difference_line(report.backend.name, [result]))
-            elif not result.passed:
-                ET.SubElement(case, "failure", message=f"{result.failures}/{result.examples} failed").text = \
-                    result.first_failure
-            cases += 1
-        failures = sum(not r.passed for r in report.results)
-        suite.set("tests", str(cases))
-        suite.set("failures", str(failures))
-        suite.set("errors", "1" if report.error else "0")
-        skipped = int(bool(report.unavailable)) + sum(bool(r.known_difference) for r in report.results)
-        suite.set("skipped", str(skipped))
-    return ET.tostring(suites, encoding="unicode")
-
-
-def check_writable(directory: Path) -> None:
-    """Before a run: the report folder can be created and written, else a DarkspecError naming it."""
-    probe = Path(directory) / ".darkspec-write-check"
-    try:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise DarkspecError("--report-dir", str(directory), "a folder this user can create and write",
-                            code="report-dir-unwritable", reason=f"{type(error).__name__}: {error.strerror}") from None
-
-
-def write_reports(reports: list[BackendReport], profile: str, directory: Path,
-                  golden_problems=()) -> tuple[Path, Path]:
+def write_reports(reports: list[BackendReport], profile: str, directory: Path, golden_problems=()) -> Path:
+    """conformance.json in ``directory`` (the JUnit XML comes from pytest's --junitxml)."""
     directory.mkdir(parents=True, exist_ok=True)
-    json_path, xml_path = directory / "conformance.json", directory / "conformance.xml"
+    json_path = directory / "conformance.json"
     json_path.write_text(json.dumps(json_report(reports, profile, golden_problems), indent=1) + "\n")
-    xml_path.write_text(junit_xml(reports) + "\n")
-    return json_path, xml_path
+    return json_path

@@ -327,11 +327,31 @@ def run_golden(backend, recordings) -> list[CheckResult]:
 
 def _golden_capability(backend, recording, array_name) -> Capability | None:
     """The backend's declared capability (on its own device) that a recorded array checks, if any."""
-    op = recording.layer_type
-    dialect = REORG_DIALECT if op != "shortcut" else recording_dialect(recording)[0].value
-    pass_ = _pass_of(array_name)
+    op, dialect, pass_ = recording.layer_type, _op_dialect(recording), _pass_of(array_name)
     known = op in contract.OPS and pass_ in contract.passes(op, dialect)
     return backend.declared(op, dialect, "float32", pass_) if known else None
+
+
+def _op_dialect(recording) -> str:
+    return recording_dialect(recording)[0].value if recording.layer_type == "shortcut" else REORG_DIALECT
+
+
+def golden_capabilities(recordings) -> set[tuple[str, str, str]]:
+    """The (op, dialect, dtype) that golden cases exist for: the recordings are float32."""
+    return {(r.layer_type, _op_dialect(r), "float32") for r in recordings}
+
+
+def check_golden(backend: GuardedBackend, capability: Capability, recordings) -> CheckResult:
+    """The golden check of one capability: the cases of its op and dialect, replayed through the passes up to its
+    own (a backend that fails in backward does not fail its forward's check)."""
+    op, dialect = capability.op, capability.dialect
+    passes = contract.passes(op, dialect)
+    earlier = {c for c in backend.capabilities() if (c.op, c.dialect, c.dtype, c.device) ==
+               (op, dialect, capability.dtype, capability.device)
+               and passes.index(c.pass_) <= passes.index(capability.pass_)}
+    cases = [r for r in recordings if (r.layer_type, _op_dialect(r)) == (op, dialect)]
+    results = run_golden(backend.limited_to(earlier), cases)
+    return next((r for r in results if r.capability == capability), CheckResult(capability, "golden"))
 
 
 # --- the whole suite --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,23 +30,28 @@ def _vectors(args) -> int:
 
 
 def _conformance(args) -> int:
-    from darkspec.backends.registry import UnavailableBackend, discover, load
-    from darkspec.conformance.report import check_writable, table, write_reports
-    from darkspec.conformance.golden import gate
-    from darkspec.conformance.suite import run_suite
+    """The suite through its pytest plugin, in this process, with one xdist worker per core: a crashing or hanging
+    backend fails its own items only. The plugin prints the matrix and writes conformance.json; pytest writes the
+    JUnit XML."""
+    from importlib import resources
+
+    import pytest
+
+    from darkspec.folders import check_writable
 
     check_writable(args.report_dir)
-    backends = [load(spec) for spec in args.backend] if args.backend else discover()
-    golden = gate(_golden_dirs(args))
-    reports = [run_suite(backend, args.profile, golden) for backend in backends]
-    print(table(reports, golden.problems))
-    json_path, xml_path = write_reports(reports, args.profile, args.report_dir, golden.problems)
-    print(f"\nreports: {json_path} {xml_path}")
-    # A backend asked for by name that cannot even be loaded is an error, not an empty column.
-    not_loaded = [b for b in backends if args.backend and isinstance(b, UnavailableBackend)]
-    for backend in not_loaded:
-        print(f"darkspec: backend {backend.name} cannot be loaded: {backend.availability()}", file=sys.stderr)
-    return 1 if golden.problems or not_loaded or any(report.failed for report in reports) else 0
+    # hypothesis keeps its files with the reports, not in whatever directory the command runs from
+    os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(args.report_dir / ".hypothesis"))
+    isolated = resources.files("darkspec.conformance").joinpath("pytest.ini")
+    options = ["-c", str(isolated), "--rootdir", str(Path.cwd()), "--noconftest", "-p", "no:cacheprovider",
+               "--darkspec-suite-only", "--darkspec-profile", args.profile, "--darkspec-report-dir",
+               str(args.report_dir), f"--junitxml={args.report_dir / 'conformance.xml'}", "-n", str(args.workers)]
+    options += [f"--darkspec-backend={spec}" for spec in args.backend] or ["--darkspec-all-backends"]
+    options += ["--darkspec-no-golden"] if args.no_golden else [f"--darkspec-golden={d}" for d in args.golden]
+    options += [f"--darkspec-only={spec}" for spec in args.only] + [f"--darkspec-dtype={d}" for d in args.dtype]
+    if args.timeout is not None:
+        options.append(f"--darkspec-timeout={args.timeout}")
+    return int(pytest.main([*options, str(args.report_dir)]))
 
 
 def _mutants(args) -> int:
@@ -124,7 +130,17 @@ def main(argv=None) -> int:
     conformance.add_argument("--backend", action="append", default=[],
                              help="a backend name or package.module:ClassName (repeatable; default: all known)")
     conformance.add_argument("--profile", choices=["quick", "ci", "thorough"], default="ci")
-    conformance.add_argument("--report-dir", type=Path, default=Path("reports"))
+    conformance.add_argument("--report-dir", type=Path, default=Path("reports"),
+                             help="where conformance.json, conformance.xml (JUnit) and saved failing cases go")
+    conformance.add_argument("--only", action="append", default=[], metavar="OP/DIALECT/PASS",
+                             help="only these capabilities (repeatable; * matches any part)")
+    conformance.add_argument("--dtype", action="append", default=[], choices=["float32", "float64"],
+                             help="only capabilities in this dtype (repeatable)")
+    conformance.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                             help="pytest-xdist workers (default: one per core; 0 runs everything in this process, "
+                             "where a crashing backend ends the run)")
+    conformance.add_argument("--timeout", type=float, metavar="SECONDS",
+                             help="per check: one running longer has hung and fails (default 600)")
     _add_golden_options(conformance)
     conformance.set_defaults(run=_conformance)
 

@@ -3,25 +3,20 @@ every reference regression case replays."""
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from darkspec.backends.base import Capability
 from darkspec.backends.reference import ReferenceBackend
-from darkspec.cli import main
 from darkspec.conformance import golden as gold
 from darkspec.conformance import recordings as rec
 from darkspec.conformance.suite import run_golden
 from darkspec.conformance.vectors import PASS, replay
 from darkspec.reference.dialects import Dialect
 
-from conftest import GOLDEN
+from conftest import GOLDEN, run_in
 
 RECORDING = "darknet-vectors/darknet-alexeyab/act_linear.npz"
 
@@ -172,20 +167,38 @@ TAMPERINGS = {
 
 
 @pytest.mark.parametrize("tampering", TAMPERINGS)
-def test_each_tampering_fails_the_conformance_run_by_name(copy, tmp_path, tampering, capsys):
+def test_each_tampering_fails_the_gate_by_name(copy, tampering):
+    """The gate every run passes through (the CLI and the pytest plugin alike, below): one line per problem."""
     tamper, message = TAMPERINGS[tampering]
     tamper(copy)
-    status = main(["conformance", "--backend", "test_golden:ReorgOnly", "--profile", "quick", "--golden", str(copy),
-                   "--report-dir", str(tmp_path / "reports")])
-    out, err = capsys.readouterr()
-    assert status == 1
-    problems = [line for line in out.splitlines() if line.startswith("golden: ")]
-    assert len(problems) == 1 and str(copy) in problems[0] and message in problems[0], out
-    assert "Traceback" not in out + err
+    result = gold.gate([GOLDEN, copy])
+    assert len(result.problems) == 1 and str(copy) in result.problems[0] and message in result.problems[0]
+    assert len(result.recordings) >= len(gold.gate([GOLDEN]).recordings)  # the good cases still replay
+
+
+@pytest.mark.parametrize("tampering", ["changed", "undecodable"])
+def test_a_tampered_golden_folder_fails_the_conformance_run_by_name(copy, tmp_path, tampering):
+    tamper, message = TAMPERINGS[tampering]
+    tamper(copy)
+    done = run_in(tmp_path, "darkspec", "conformance", "--backend", "test_golden:ReorgOnly", "--profile", "quick",
+                  "--golden", str(copy), "--report-dir", "reports")
+    assert done.returncode == 1
+    assert f"FAILED golden/gate - {copy}/{message}"[:70] in done.stdout, done.stdout
+    notes = [line for line in done.stdout.splitlines() if line.startswith("golden: ")]
+    assert notes == [f"golden: {gold.gate([copy]).problems[0]}"]
+    assert "Traceback" not in done.stdout + done.stderr
     report = json.loads((tmp_path / "reports" / "conformance.json").read_text())
-    assert report["golden_problems"] == [problems[0].removeprefix("golden: ")]
+    assert report["golden_problems"] == [notes[0].removeprefix("golden: ")]
     # the shipped cases still replay: the backend's column is there and passes
     assert report["backends"][0]["matrix"]["reorg3d/darknet/forward"].startswith("pass")
+
+
+def test_the_plugin_runs_the_gate_too(copy, tmp_path):
+    (copy / RECORDING).unlink()
+    done = run_in(tmp_path, "pytest", "--darkspec-backend", "test_golden:ReorgOnly", "--darkspec-profile", "quick",
+                  "--darkspec-golden", str(copy))
+    assert done.returncode == 1
+    assert f"{copy}/{RECORDING}: missing" in done.stdout and "FAILED golden/gate" in done.stdout
 
 
 def test_golden_verify_names_an_undecodable_file(copy):
@@ -198,10 +211,8 @@ def test_the_shipped_goldens_are_found_from_any_directory(tmp_path):
     """An installed darkspec reads its golden cases as package data, whatever the working directory."""
     # the editable install's package data is the checkout's golden/ (a strict one links to each of its files)
     assert (gold.shipped() / "README.md").resolve() == (GOLDEN / "README.md").resolve()
-    done = subprocess.run([sys.executable, "-m", "darkspec", "conformance", "--backend", "test_golden:ReorgOnly",
-                           "--profile", "quick", "--report-dir", str(tmp_path / "reports")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    done = run_in(tmp_path, "darkspec", "conformance", "--backend", "test_golden:ReorgOnly", "--profile", "quick",
+                  "--report-dir", str(tmp_path / "reports"))
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / "reports" / "conformance.json").read_text())
     golden = [r["examples"] for r in report["backends"][0]["results"] if r["check"] == "golden"]

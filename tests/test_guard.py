@@ -13,13 +13,14 @@ from darkspec.backends.reference import ReferenceBackend
 from darkspec.cli import main
 from darkspec.conformance import recordings as rec
 from darkspec.conformance.guard import BackendFault, GuardedBackend
-from darkspec.conformance.report import ERROR, cell, check_writable
+from darkspec.conformance.report import ERROR, cell
 from darkspec.conformance.golden import gate
 from darkspec.conformance.suite import run_suite
 from darkspec.conformance.vectors import FAIL, PASS, replay, run_vectors
 from darkspec.errors import DarkspecError
+from darkspec.folders import check_writable
 
-from conftest import GOLDEN
+from conftest import GOLDEN, run_in
 
 VECTORS = GOLDEN / "darknet-vectors"
 FASTPATH = VECTORS / "darknet-alexeyab" / "fastpath_from_fewer_channels.npz"
@@ -171,12 +172,12 @@ def test_an_all_nan_output_fails_a_quirk_recording():
     assert result.worst().name == "output" and "got nan" in result.worst().describe()
 
 
-def test_the_other_backends_results_and_the_reports_survive(tmp_path, capsys):
-    status = main(["conformance", "--backend", "reference", "--backend", "test_guard:CapabilitiesRaise",
-                   "--backend", "test_guard:RaisesInUpdate", "--profile", "quick", "--golden", str(GOLDEN),
-                   "--report-dir", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert status == 1
+def test_the_other_backends_results_and_the_reports_survive(tmp_path):
+    done = run_in(tmp_path, "darkspec", "conformance", "--backend", "reference", "--backend",
+                  "test_guard:CapabilitiesRaise", "--backend", "test_guard:RaisesInUpdate", "--profile", "quick",
+                  "--report-dir", str(tmp_path))
+    out = done.stdout
+    assert done.returncode == 1
     report = json.loads((tmp_path / "conformance.json").read_text())
     reference, raising_capabilities, raising_update = report["backends"]
     assert all(result["failures"] == 0 for result in reference["results"]) and reference["results"]
@@ -186,11 +187,12 @@ def test_the_other_backends_results_and_the_reports_survive(tmp_path, capsys):
     assert (tmp_path / "conformance.xml").exists()
 
 
-def test_a_backend_named_explicitly_that_cannot_be_loaded_is_a_non_zero_exit(tmp_path, capsys):
-    status = main(["conformance", "--backend", "no_such_module_anywhere:Backend", "--profile", "quick",
-                   "--no-golden", "--report-dir", str(tmp_path)])
-    assert status == 1
-    assert "no_such_module_anywhere:Backend cannot be loaded" in capsys.readouterr().err
+def test_a_backend_named_explicitly_that_cannot_be_loaded_is_a_non_zero_exit(tmp_path):
+    done = run_in(tmp_path, "darkspec", "conformance", "--backend", "no_such_module_anywhere:Backend", "--profile",
+                  "quick", "--no-golden", "--report-dir", str(tmp_path))
+    assert done.returncode == 1
+    assert "FAILED backend/load[no_such_module_anywhere:Backend]" in done.stdout
+    assert "'no_such_module_anywhere', which is not installed" in done.stdout
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
@@ -285,16 +287,16 @@ def test_a_broken_recording_fails_naming_the_file_and_the_rest_replays(tmp_path,
         assert len(golden.problems) == 1 and str(broken) in golden.problems[0] and cause in golden.problems[0]
 
 
-def test_a_broken_golden_recording_fails_the_conformance_run_by_name(tmp_path, capsys):
+def test_a_broken_golden_recording_fails_the_conformance_run_by_name(tmp_path):
     folder = tmp_path / "golden"
     folder.mkdir()
     rewrite(PER_FEATURE, folder / "good.npz")
     truncated(REORG, folder / "broken.npz")
     listed(folder)
-    status = main(["conformance", "--backend", "reference", "--profile", "quick", "--golden", str(folder),
-                   "--report-dir", str(tmp_path / "reports")])
-    out = capsys.readouterr().out
-    assert status == 1
+    done = run_in(tmp_path, "darkspec", "conformance", "--backend", "reference", "--profile", "quick", "--only",
+                  "shortcut/darknet-cpu/forward", "--golden", str(folder), "--report-dir", str(tmp_path / "reports"))
+    out = done.stdout
+    assert done.returncode == 1
     assert f"golden: {folder}/broken.npz: undecodable (not a readable .npz" in out
     report = json.loads((tmp_path / "reports" / "conformance.json").read_text())
     assert report["golden_problems"] and report["backends"][0]["matrix"]["shortcut/darknet-cpu/forward"] \
