@@ -129,7 +129,8 @@ class Conformance:
             [gold.shipped(), *config.getoption("darkspec_golden")]
         self._gate = None
         self._backends = None
-        self.outcomes: dict[str, tuple[str, object]] = {}
+        #: node id -> (outcome, the check's result as the item reported it or None, the last line of its failure)
+        self.outcomes: dict[str, tuple[str, dict | None, str]] = {}
 
     # --- what the run checks -------------------------------------------------------------------------------------
 
