@@ -17,12 +17,13 @@ TESTS = Path(__file__).resolve().parent
 
 
 class Small(ReferenceBackend):
-    """Two capabilities: reorg3d forward and backward in float32 (golden cases exist for both)."""
+    """[reorg3d] forward and backward in both dtypes of the contract (golden cases exist for float32)."""
 
     name = "small"
 
     def capabilities(self):
-        return frozenset(Capability("reorg3d", "darknet", "float32", p) for p in ("forward", "backward"))
+        return frozenset(Capability("reorg3d", "darknet", dtype, p) for dtype in ("float32", "float64")
+                         for p in ("forward", "backward"))
 
 
 class Crashes(Small):
@@ -55,8 +56,9 @@ class WrongForward(Small):
         return np.flip(super().reorg_forward(x, stride, reverse, old))
 
 
-SMALL_IDS = ["golden/gate"] + [f"reorg3d/darknet/float32/{pass_}/{check}[small]" for pass_ in ("backward", "forward")
-                                 for check in ("properties", "golden", "refusals")]
+CHECKS = {"float32": ("properties", "golden", "refusals"), "float64": ("properties", "refusals")}
+SMALL_IDS = ["golden/gate"] + [f"reorg3d/darknet/{dtype}/{pass_}/{check}[small]" for dtype in CHECKS
+                                 for pass_ in ("backward", "forward") for check in CHECKS[dtype]]
 
 
 def pytest_in(directory, *args):
@@ -87,12 +89,13 @@ def test_one_item_per_backend_capability_and_check(tmp_path):
 def test_selection_junit_and_the_matrix(tmp_path):
     junit = tmp_path / "junit.xml"
     done = pytest_in(tmp_path, "--darkspec-backend", "test_plugin:Small", "--darkspec-profile", "quick",
-                     "-k", "forward", f"--junitxml={junit}", "--darkspec-report-dir", str(tmp_path / "reports"))
+                     "-k", "float32 and forward", f"--junitxml={junit}", "--darkspec-report-dir",
+                     str(tmp_path / "reports"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert set(outcomes(junit)) == {f"reorg3d/darknet/float32/forward/{check}[small]"
                                     for check in ("properties", "golden", "refusals")}
     assert "darkspec conformance matrix" in done.stdout
-    assert matrix_rows(done.stdout)["reorg3d/darknet/backward"] == ["not run"]
+    assert matrix_rows(done.stdout)["reorg3d/darknet/backward"] == ["not run", "not run"]  # checks, refusals
     report = json.loads((tmp_path / "reports" / "conformance.json").read_text())
     assert report["backends"][0]["matrix"]["reorg3d/darknet/forward"].startswith("pass")
 
@@ -117,9 +120,9 @@ def test_a_crash_fails_its_item_only_and_the_run_goes_on(tmp_path):
                      "--darkspec-report-dir", str(tmp_path / "reports"))
     assert done.returncode == 1, done.stdout + done.stderr
     results = outcomes(junit)
-    for check in ("properties", "golden", "refusals"):
-        assert results.pop(f"reorg3d/darknet/float32/backward/{check}[crashes]") in ("failure", "error")
-    assert set(results.values()) == {"passed"} and len(results) == 10
+    for dtype, check in [(dtype, check) for dtype in CHECKS for check in CHECKS[dtype]]:
+        assert results.pop(f"reorg3d/darknet/{dtype}/backward/{check}[crashes]") in ("failure", "error")
+    assert set(results.values()) == {"passed"} and len(results) == 1 + 5 + 10
     assert "crashed" in done.stdout
     report = json.loads((tmp_path / "reports" / "conformance.json").read_text())
     crashes, small = report["backends"]
@@ -132,12 +135,12 @@ def test_a_crash_fails_its_item_only_and_the_run_goes_on(tmp_path):
 def test_a_hang_fails_its_item_at_the_limit_and_the_run_goes_on(tmp_path, workers):
     junit = tmp_path / "junit.xml"
     done = pytest_in(tmp_path, "--darkspec-backend", "test_plugin:Hangs", "--darkspec-profile", "quick",
-                     "--darkspec-timeout", "5", "-n", workers, f"--junitxml={junit}")
+                     "--darkspec-timeout", "5", "-n", workers, "-k", "float32", f"--junitxml={junit}")
     assert done.returncode == 1, done.stdout + done.stderr
     results = outcomes(junit)
-    for check in ("properties", "golden", "refusals"):
+    for check in CHECKS["float32"]:
         assert results.pop(f"reorg3d/darknet/float32/backward/{check}[hangs]") in ("failure", "error")
-    assert set(results.values()) == {"passed"} and len(results) == 4
+    assert set(results.values()) == {"passed"} and len(results) == 3
     assert "hung: no result within 5 s (--darkspec-timeout)" in done.stdout
 
 
@@ -156,7 +159,7 @@ def test_darkspec_conformance_runs_through_the_plugin(tmp_path):
     assert "darkspec conformance matrix" in done.stdout
     rows = matrix_rows(done.stdout)
     assert [cell.split()[0] for cell in rows["reorg3d/darknet/forward"] + rows["reorg3d/darknet/backward"]] == \
-        ["pass"] * 4
+        ["pass"] * 8  # two backends, checks and refusals
     cases = outcomes(tmp_path / "out" / "conformance.xml")
     assert "reorg3d/darknet/float32/forward/golden[reference]" in cases, cases
     assert not any("float64" in name or name.startswith("shortcut") for name in cases)
