@@ -41,7 +41,7 @@ from darkspec.conformance import golden as gold
 from darkspec.conformance.guard import BackendFault, GuardedBackend
 from darkspec.conformance.report import table, write_reports
 from darkspec.conformance.suite import PROFILES, BackendReport, CheckResult, check_golden, golden_capabilities, \
-    run_property, run_refusals
+    run_checks, run_refusals
 from darkspec.errors import DarkspecError
 from darkspec.folders import check_writable
 
@@ -129,8 +129,8 @@ class Conformance:
             [gold.shipped(), *config.getoption("darkspec_golden")]
         self._gate = None
         self._backends = None
-        #: node id -> (outcome, the check's result as the item reported it or None, the last line of its failure)
-        self.outcomes: dict[str, tuple[str, dict | None, str]] = {}
+        #: node id -> (outcome, the check's results as the item reported them or None, its failure's last line)
+        self.outcomes: dict[str, tuple[str, list[dict] | None, str]] = {}
 
     # --- what the run checks -------------------------------------------------------------------------------------
 
@@ -171,11 +171,12 @@ class Conformance:
         return (not self.only or any(matches(spec) for spec in self.only)) and \
             (not self.dtypes or capability.dtype in self.dtypes)
 
-    def run_check(self, loaded: Loaded, capability: Capability, check: str) -> CheckResult:
+    def run_check(self, loaded: Loaded, capability: Capability, check: str) -> list[CheckResult]:
+        """The check's results: the claimed cases', then one per known difference the backend names."""
         if check == "properties":
-            return run_property(loaded.backend, capability, PROFILES[self.profile])
+            return run_checks(loaded.backend, capability, PROFILES[self.profile])
         if check == "refusals":
-            return run_refusals(loaded.backend, capability)
+            return [run_refusals(loaded.backend, capability)]
         return check_golden(loaded.backend, capability, self.gate.recordings)
 
     # --- collection --------------------------------------------------------------------------------------------
@@ -243,8 +244,7 @@ class Conformance:
                 capability = Capability(parts["op"], parts["dialect"], parts["dtype"], parts["pass_"],
                                         parts["device"] or "cpu")
                 if data is not None:
-                    report.results.append(CheckResult(capability, parts["check"], data["examples"],
-                                                      data["failures"], data["first_failure"]))
+                    report.results += [CheckResult(capability, parts["check"], **result) for result in data]
                 elif outcome == "failed":  # no result came back: the worker crashed, or the item hung
                     report.results.append(CheckResult(capability, parts["check"], 1, 1, last_line))
             reports.append(report)
@@ -307,13 +307,15 @@ class CheckItem(DarkspecItem):
 
     def runtest(self):
         with time_limit(self.run.timeout):
-            result = self.run.run_check(self.loaded, self.capability, self.check)
-        self.user_properties.append(("darkspec", {"examples": result.examples, "failures": result.failures,
-                                                  "first_failure": result.first_failure}))
-        if not result.examples:
+            results = self.run.run_check(self.loaded, self.capability, self.check)
+        self.user_properties.append(("darkspec", [
+            {"examples": r.examples, "failures": r.failures, "first_failure": r.first_failure,
+             "known_difference": r.known_difference, "worst": r.worst, "worst_abs": r.worst_abs} for r in results]))
+        if not any(r.examples for r in results):
             pytest.skip("no golden case compares this pass")
-        if not result.passed:
-            raise CheckFailed(f"{result.failures}/{result.examples} cases failed; first: {result.first_failure}")
+        for result in results:  # a known difference passes: its measured error is listed under the matrix
+            if not result.passed:
+                raise CheckFailed(f"{result.failures}/{result.examples} cases failed; first: {result.first_failure}")
 
 
 class GateItem(DarkspecItem):
