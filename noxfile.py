@@ -24,9 +24,10 @@ def conformance(session):
 
 @nox.session
 def tests(session):
-    """The test suite, with the oracles (torch, onnx) and the third-party runtimes (onnxruntime, OpenCV) installed.
+    """The test suite, with the oracles (torch, onnx), the third-party runtimes (onnxruntime, OpenCV) and matplotlib
+    (darkspec check --plot) installed.
     Set DARKSPEC_HYPOTHESIS_PROFILE=thorough for a long hypothesis run."""
-    session.install(*CONSTRAINTS, *STRICT_EDITABLE, ".[test,oracles,onnx,opencv]")
+    session.install(*CONSTRAINTS, *STRICT_EDITABLE, ".[test,oracles,onnx,opencv,plot]")
     session.run("pytest", "-n", "2", "-q", *session.posargs)
 
 

@@ -436,7 +436,8 @@ def make_case(layer: FusionLayer, weights: np.ndarray | None = None):
         weights = rng.standard_normal(shortcut.weight_count(params.weights_type, len(froms), c)).astype(np.float32)
         weights[shortcut.weights_per_input(params.weights_type, c)] = -0.5
     matches = [(c, small_h, small_w) if match else None for match in layer.from_input_matches]
-    return ShortcutCase(x, froms, weights if params.weights_type != WeightsType.NONE else None, params,
+    weights = np.array(weights, np.float32) if params.weights_type != WeightsType.NONE else None
+    return ShortcutCase(x, froms, weights, params,
                         tuple(matches) if any(matches) else None)
 
 
@@ -751,6 +752,12 @@ def check_model(text: str, path: str = "", runtimes=RUNTIMES, runs: Runs | None 
     findings = {name: f for name, f in model_findings(network, library, layers).items()
                 if name in {r.name for r in runtimes}}
     return ModelReport(path, network, library, reports, tuple(runtimes), findings, unavailable)
+
+
+def shortcut_weights_of(network: Network, weights) -> dict[int, np.ndarray]:
+    """The shortcut weights of a read weights file, by layer index (what check_model runs with)."""
+    return {index: entry.arrays["weights"] for index, entry in weights.layers.items()
+            if network.layers[index].type == "shortcut"}
 
 
 def select_runtimes(names) -> tuple[Runtime, ...]:

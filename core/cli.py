@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -86,18 +87,42 @@ def _check(args) -> int:
 
     if not args.cfg.is_file():
         raise DarkspecError("MODEL.cfg", str(args.cfg), "a cfg file that exists", code="no-such-file")
+    if args.plot is not None and args.weights is None:
+        raise DarkspecError("--plot", str(args.plot), "--plot together with --weights (it draws the file's shortcut "
+                            "weights)", code="plot-needs-weights")
     text = args.cfg.read_text()
+    runtimes = check.select_runtimes(args.runtime)
     network, _ = check.parse_model(text)
-    weights = None
+    trained = None
     if args.weights is not None:
+        from darkspec.conformance import shortcut_weights
         from darkspec.reference.weights import read_weights
 
         if not args.weights.is_file():
             raise DarkspecError("--weights", str(args.weights), "a .weights file that exists", code="no-such-file")
-        weights = {index: layer.arrays["weights"] for index, layer in read_weights(args.weights, network).layers.items()
-                   if layer.type == "shortcut"}  # check_model runs each shortcut with its own weights
-    report = check.check_model(text, str(args.cfg), check.select_runtimes(args.runtime), weights=weights)
-    print(json.dumps(report.to_json(), indent=2) if args.json else check.render(report))
+        trained = read_weights(args.weights, network)
+        shortcuts = shortcut_weights.analyse(network, trained)
+    report = check.check_model(text, str(args.cfg), runtimes,
+                               weights=None if trained is None else check.shortcut_weights_of(network, trained))
+    if args.json:
+        data = report.to_json()
+        if trained is not None:
+            data["weights"] = {"file": str(args.weights), "header": dataclasses.asdict(trained.header),
+                               "shortcuts": [s.to_json() for s in shortcuts]}
+        print(json.dumps(data, indent=2))
+    else:
+        print(check.render(report))
+        if trained is not None:
+            header = trained.header
+            print(f"\n{args.weights}: version {header.major}.{header.minor}.{header.revision}, seen {header.seen}, "
+                  f"{len(trained.layers)} layers with parameters, as the cfg reads them")
+            print(shortcut_weights.render(shortcuts))
+    if args.plot is not None:
+        if shortcuts:
+            renderer = shortcut_weights.write_heatmap(shortcuts, args.plot)
+            print(f"heat-map of the normalized shortcut weights: {args.plot} ({renderer})", file=sys.stderr)
+        else:
+            print("no weighted [shortcut]: no heat-map written", file=sys.stderr)
     return 1 if check.failing(report, args.fail_on) else 0
 
 
