@@ -2,6 +2,8 @@
 (spec/check.md#trained-weights)."""
 
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -122,7 +124,17 @@ def test_the_builtin_heatmap_is_a_png_without_matplotlib(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     assert shortcut_weights.write_heatmap(report, tmp_path / "w.png") == "builtin"
-    assert (tmp_path / "w.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.undo()
+    data = (tmp_path / "w.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    idat = data.index(b"IDAT")
+    (length,) = struct.unpack(">I", data[idat - 4:idat])
+    pixels = zlib.decompress(data[idat + 4:idat + 4 + length])
+    assert len(pixels) == height * (1 + 3 * width)
+    cell, gap = 6, 6  # one block per shortcut: a row of cells per input, then a gap
+    assert height == sum(len(s.slots) * cell + gap for s in report)
+    assert width == max(s.per_input for s in report) * cell
 
 
 def test_a_truncated_or_mismatched_weights_file_is_a_clear_error(tmp_path, capsys):
