@@ -34,6 +34,10 @@ RUN_BATCH = 2
 #: Runs use at most this height and width (reorg layers: twice the stride), keeping every channel.
 RUN_SPATIAL = 4
 RELU_FLOOR = "relu-floor"
+OPENCV_SPEC = "spec/check.md#opencv-4x"
+PJREDDIE_SPEC = "spec/cfg.md#pjreddie"
+REORG_SECTIONS_SPEC = "spec/reorg.md#2-which-darknet-has-which-section"
+OLD_REORG_SPEC = "spec/reorg.md#6-old-reorg-reverse0-the-yolov2-passthrough"
 ALEXEYAB_QUIRKS = frozenset(Quirk)
 #: What each verdict compares with, by the library the cfg is written for.
 DEFINITIONS = {
@@ -167,11 +171,13 @@ def quirks_that_fire(layer: FusionLayer) -> list[Finding]:
     if layer.reorg is not None:
         notes = []
         if layer.type == "reorg3d" and layer.reorg.reverse:
-            notes.append(Finding("reorg3d-reverse-not-inverse", DIFFERENT, "[reorg3d] reverse=1 is not the inverse of reverse=0",
-                                 "spec/reorg.md#5-reorg3d-reverse1"))
+            notes.append(Finding(
+                "reorg3d-reverse-not-inverse", DIFFERENT, "[reorg3d] reverse=1 is not the inverse of reverse=0",
+                "spec/reorg.md#5-reorg3d-reverse1"))
         if layer.type == "reorg":
-            notes.append(Finding("reorg-old-permutation", DIFFERENT, "the old [reorg] is YOLOv2's permutation, not space-to-depth: a port "
-                                 "that uses SpaceToDepth computes something else", "spec/reorg.md#6-old-reorg-reverse0-the-yolov2-passthrough"))
+            notes.append(Finding(
+                "reorg-old-permutation", DIFFERENT, "the old [reorg] is YOLOv2's permutation, not space-to-depth: "
+                "a port that uses SpaceToDepth computes something else", OLD_REORG_SPEC))
         return notes
     found = []
     if fastpath_fires(layer):
@@ -187,9 +193,10 @@ def quirks_that_fire(layer: FusionLayer) -> list[Finding]:
         found.append(Finding(Quirk.SHORTCUT_UNEVALUATED_ACTIVATIONS.value, DIFFERENT, f"[shortcut] outputs 0 for "
                              f"{layer.params.activation}", "spec/quirks.md#shortcut-unevaluated-activations"))
     if relu_floor_applies(layer):
-        found.append(Finding(RELU_FLOOR, DIFFERENT, "the 0.001 floor of relu normalization: GPU training and inference differ "
-                             "from CPU training where a weight is at or below 0.001", "spec/dialects.md",
-                             weight_dependent=True))
+        found.append(Finding(
+            RELU_FLOOR, DIFFERENT, "the 0.001 floor of relu normalization: GPU training and inference differ "
+            "from CPU training where a weight is at or below 0.001", "spec/dialects.md",
+            weight_dependent=True))
     return found
 
 
@@ -211,8 +218,10 @@ REFUSAL_SECTIONS = {"spatial-mismatch": "spec/cfg.md#spatial-sizes", "darknet-no
 
 def _parser_refusal(error: DarkspecError, who: str) -> Finding:
     spec = DELIBERATE_DIFFERENCES.get(error.code) or REFUSAL_SECTIONS.get(error.code, "spec/cfg.md#errors")
-    return Finding(error.code, REFUSED, f"{who}'s parser refuses it: {error.code}" + (f" ({error.reason})" if error.reason else ""),
-                   spec)
+    return Finding(
+        error.code, REFUSED,
+        f"{who}'s parser refuses it: {error.code}" + (f" ({error.reason})" if error.reason else ""),
+        spec)
 
 
 def _alexeyab_deviations(layer: FusionLayer) -> list[Finding]:
@@ -270,47 +279,55 @@ def rules_pjreddie(layer: FusionLayer) -> list[Finding]:
     """pjreddie's 2018 Darknet: no [reorg3d]; a [shortcut] reads one from=, ignores the weights keys with a warning,
     and runs relu for an activation it does not know (spec/cfg.md#pjreddie, spec/cfg.md#activation)."""
     if layer.type == "reorg3d":
-        return [Finding("no-reorg3d", REFUSED, "pjreddie has no [reorg3d] section", "spec/reorg.md#2-which-darknet-has-which-section")]
+        return [Finding("no-reorg3d", REFUSED, "pjreddie has no [reorg3d] section", REORG_SECTIONS_SPEC)]
     if layer.type == "reorg":
         return []
     found = []
     if layer.alexeyab_refusal is not None and layer.alexeyab_refusal.code != "spatial-mismatch":
         return [_parser_refusal(layer.alexeyab_refusal, "darkspec")]
     if len(layer.froms) > 1:
-        found.append(Finding("first-from-only", DIFFERENT, "pjreddie reads only the first from= entry (silently)", "spec/cfg.md#pjreddie",
-                             _first_from_only))
+        found.append(Finding(
+            "first-from-only", DIFFERENT, "pjreddie reads only the first from= entry (silently)", PJREDDIE_SPEC,
+            _first_from_only))
     if layer.weighted:
-        found.append(Finding("weights-ignored", DIFFERENT, "pjreddie ignores weights_type (an 'Unused field' warning): an unweighted sum",
-                             "spec/cfg.md#pjreddie", _without_weights))
+        found.append(Finding(
+            "weights-ignored", DIFFERENT,
+            "pjreddie ignores weights_type (an 'Unused field' warning): an unweighted sum",
+            PJREDDIE_SPEC, _without_weights))
     if layer.params.activation not in activations.PJREDDIE_NAMES:
-        found.append(Finding("unknown-activation", DIFFERENT, f"pjreddie has no {layer.params.activation}: its parser runs relu instead",
-                             "spec/cfg.md#activation", _with_relu))
+        found.append(Finding(
+            "unknown-activation", DIFFERENT, f"pjreddie has no {layer.params.activation}: its parser runs relu instead",
+            "spec/cfg.md#activation", _with_relu))
     return found
 
 
 def rules_opencv(layer: FusionLayer) -> list[Finding]:
     """OpenCV 4.x's Darknet importer, as measured against the reference (spec/check.md#opencv-4x)."""
     if layer.type == "reorg3d":
-        return [Finding("no-reorg3d", REFUSED, "OpenCV's importer has no [reorg3d] ('Unknown layer type')", "spec/check.md#opencv-4x")]
+        return [Finding(
+            "no-reorg3d", REFUSED, "OpenCV's importer has no [reorg3d] ('Unknown layer type')", OPENCV_SPEC)]
     if layer.type == "reorg":
         if layer.reorg.reverse:
-            return [Finding("reverse-ignored", DIFFERENT, "OpenCV ignores reverse=1 of [reorg]", "spec/check.md#opencv-4x",
+            return [Finding("reverse-ignored", DIFFERENT, "OpenCV ignores reverse=1 of [reorg]", OPENCV_SPEC,
                             _forward_only)]
         return []
     if layer.alexeyab_refusal is not None:
         if layer.alexeyab_refusal.code == "spatial-mismatch":
-            return [Finding("spatial-assert", REFUSED, "OpenCV asserts on a shortcut of another spatial size", "spec/check.md#opencv-4x")]
+            return [Finding(
+                "spatial-assert", REFUSED, "OpenCV asserts on a shortcut of another spatial size", OPENCV_SPEC)]
         return [_parser_refusal(layer.alexeyab_refusal, "darkspec")]
     found = []
     if layer.params.activation == "relu6":
-        found.append(Finding("relu6-refused", REFUSED, "OpenCV's importer refuses relu6", "spec/check.md#opencv-4x"))
+        found.append(Finding("relu6-refused", REFUSED, "OpenCV's importer refuses relu6", OPENCV_SPEC))
     if len(layer.froms) > 1:
-        found.append(Finding("first-from-only", DIFFERENT, "OpenCV uses only the first from= entry (silently)", "spec/check.md#opencv-4x",
-                             _first_from_only))
+        found.append(Finding(
+            "first-from-only", DIFFERENT, "OpenCV uses only the first from= entry (silently)", OPENCV_SPEC,
+            _first_from_only))
     if layer.weighted:
-        found.append(Finding("weights-ignored", DIFFERENT, "OpenCV ignores the shortcut's weights and does not skip them in the "
-                             ".weights file: every later layer reads shifted weights", "spec/check.md#opencv-4x",
-                             _without_weights))
+        found.append(Finding(
+            "weights-ignored", DIFFERENT, "OpenCV ignores the shortcut's weights and does not skip them in the "
+            ".weights file: every later layer reads shifted weights", OPENCV_SPEC,
+            _without_weights))
     return found
 
 
@@ -690,7 +707,8 @@ def model_findings(network: Network, library: str, layers: list[FusionLayer]) ->
     alexeyab_only = next((layer for layer in network.layers if layer.type in ALEXEYAB_ONLY), None)
     if alexeyab_only is not None:
         found.setdefault("pjreddie", []).append(Finding(
-            "unknown-layer-type", REFUSED, f"the model has [{alexeyab_only.type}] (layer {alexeyab_only.index}), a section only AlexeyAB's "
+            "unknown-layer-type", REFUSED,
+            f"the model has [{alexeyab_only.type}] (layer {alexeyab_only.index}), a section only AlexeyAB's "
             "Darknet has", "spec/cfg.md#shapes"))
     if "darknet-no-2d-layer" in network.deviations:
         for name in ALEXEYAB_RUNTIMES:
@@ -706,12 +724,13 @@ def model_findings(network: Network, library: str, layers: list[FusionLayer]) ->
     if relu6:
         found.setdefault("opencv", []).append(Finding(
             "relu6-refused", REFUSED, f"OpenCV's importer refuses relu6 ({_layer_list(relu6)})",
-            "spec/check.md#opencv-4x"))
+            OPENCV_SPEC))
     weighted = [layer.index for layer in layers if layer.weighted]
     if weighted:
         found.setdefault("opencv", []).append(Finding(
-            "weights-shifted", DIFFERENT, f"every layer after layer {weighted[0]} reads shifted weights: OpenCV does not skip the "
-            "shortcut weights in the .weights file", "spec/check.md#opencv-4x"))
+            "weights-shifted", DIFFERENT,
+            f"every layer after layer {weighted[0]} reads shifted weights: OpenCV does not skip the "
+            "shortcut weights in the .weights file", OPENCV_SPEC))
     return found
 
 
@@ -856,7 +875,8 @@ def render(report: ModelReport) -> str:
     net = report.network
     lines = [f"{report.path or 'cfg'}: {len(report.layers)} fusion layer(s) of {len(net.layers)}; input "
              f"{'x'.join(map(str, net.input_shape))}, batch {net.batch}; read as {report.library}'s cfg",
-             f"verdicts against {DEFINITIONS[report.library][1]}; each run: batch {RUN_BATCH}, at most {RUN_SPATIAL}x{RUN_SPATIAL} "
+             f"verdicts against {DEFINITIONS[report.library][1]}; each run: batch {RUN_BATCH}, at most "
+             f"{RUN_SPATIAL}x{RUN_SPATIAL} "
              "(reorg: twice the stride), every channel; * not run here: the rule table's verdict", "",
              tabulate(rows, headers=headers, maxcolwidths=[None, None, 12, 20, 20] + [14] * len(report.runtimes))]
     lines += [""] + notes.lines() if notes.entries else []

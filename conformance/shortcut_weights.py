@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from darkspec.reference.cfg import ShortcutSection
 from darkspec.reference.contract import RELU_FLOOR, relu_floor_of
 from darkspec.reference.network import Network
 from darkspec.reference.shortcut import Normalization, normalize_weights
@@ -74,12 +75,11 @@ def analyse(network: Network, weights: WeightsFile) -> list[ShortcutWeights]:
     """Every weighted shortcut of the network with the weights the file gives it."""
     found = []
     for layer in network.layers:
-        if layer.type != "shortcut" or layer.index not in weights.layers:
+        op = layer.op
+        if not isinstance(op, ShortcutSection) or layer.index not in weights.layers:
             continue
-        params = layer.op.params
-        slots = len(layer.op.from_layers) + 1
-        raw = np.asarray(weights.layers[layer.index].arrays["weights"], np.float32).reshape(slots, -1)
-        found.append(_analyse_one(layer.index, (layer.index - 1, *layer.op.from_layers), raw, params))
+        raw = np.asarray(weights.layers[layer.index].arrays["weights"], np.float32).reshape(len(op.from_layers) + 1, -1)
+        found.append(_analyse_one(layer.index, (layer.index - 1, *op.from_layers), raw, op.params))
     return found
 
 
