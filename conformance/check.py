@@ -113,18 +113,20 @@ def fusion_layers(network: Network, library: str = "alexeyab") -> list[FusionLay
         elif layer.type in ("reorg3d", "reorg"):
             previous = Input(0, layer.index - 1, layer.input_shape, "previous")
             found.append(FusionLayer(layer.index, layer.type, layer.section.line, layer.input_shape,
-                                     layer.output_shape, (previous,), library, reorg=layer.op))
+                                     layer.output_shape, (previous,), library,
+                                     reorg=layer.op if isinstance(layer.op, ReorgSection) else None))
     return found
 
 
 def _shortcut_layer(network: Network, layer: Layer, library: str) -> FusionLayer:
-    parsed = {}
+    op = layer.op
+    assert isinstance(op, ShortcutSection)  # the network parser parsed every [shortcut]
+    parsed: dict[str, ShortcutSection | DarkspecError] = {}
     for reader in ("alexeyab", "pjreddie"):
         try:
             parsed[reader] = parse_shortcut(layer.section, layer.index, reader)
         except DarkspecError as error:
             parsed[reader] = error
-    op = layer.op
     channels = layer.output_shape[0]
     inputs = [Input(0, layer.index - 1, layer.input_shape, "previous")]
     inputs += [Input(slot, source, network.layers[source].output_shape,
@@ -208,7 +210,12 @@ def fastpath_fires(layer: FusionLayer) -> bool:
 
 
 def relu_floor_applies(layer: FusionLayer) -> bool:
-    return layer.weighted and layer.params.weights_normalization == Normalization.RELU
+    return layer.weighted and shortcut_params(layer).weights_normalization == Normalization.RELU
+
+
+def shortcut_params(layer: FusionLayer) -> ShortcutParams:
+    """A shortcut's parameters (every [shortcut] has them; the defaults stand in for a reorg)."""
+    return layer.params or ShortcutParams()
 
 
 #: Where the spec explains a parser refusal that is not a deliberate difference.
@@ -294,9 +301,10 @@ def rules_pjreddie(layer: FusionLayer) -> list[Finding]:
             "weights-ignored", DIFFERENT,
             "pjreddie ignores weights_type (an 'Unused field' warning): an unweighted sum",
             PJREDDIE_SPEC, _without_weights))
-    if layer.params.activation not in activations.PJREDDIE_NAMES:
+    activation = shortcut_params(layer).activation
+    if activation not in activations.PJREDDIE_NAMES:
         found.append(Finding(
-            "unknown-activation", DIFFERENT, f"pjreddie has no {layer.params.activation}: its parser runs relu instead",
+            "unknown-activation", DIFFERENT, f"pjreddie has no {activation}: its parser runs relu instead",
             "spec/cfg.md#activation", _with_relu))
     return found
 
@@ -307,7 +315,7 @@ def rules_opencv(layer: FusionLayer) -> list[Finding]:
         return [Finding(
             "no-reorg3d", REFUSED, "OpenCV's importer has no [reorg3d] ('Unknown layer type')", OPENCV_SPEC)]
     if layer.type == "reorg":
-        if layer.reorg.reverse:
+        if layer.reorg is not None and layer.reorg.reverse:
             return [Finding("reverse-ignored", DIFFERENT, "OpenCV ignores reverse=1 of [reorg]", OPENCV_SPEC,
                             _forward_only)]
         return []
@@ -317,7 +325,7 @@ def rules_opencv(layer: FusionLayer) -> list[Finding]:
                 "spatial-assert", REFUSED, "OpenCV asserts on a shortcut of another spatial size", OPENCV_SPEC)]
         return [_parser_refusal(layer.alexeyab_refusal, "darkspec")]
     found = []
-    if layer.params.activation == "relu6":
+    if shortcut_params(layer).activation == "relu6":
         found.append(Finding("relu6-refused", REFUSED, "OpenCV's importer refuses relu6", OPENCV_SPEC))
     if len(layer.froms) > 1:
         found.append(Finding(
@@ -448,7 +456,7 @@ def make_case(layer: FusionLayer, weights: np.ndarray | None = None):
     x = rng.standard_normal((RUN_BATCH, c, small_h, small_w)).astype(np.float32)
     froms = tuple(rng.standard_normal((RUN_BATCH, i.shape[0], max(1, i.shape[1] * small_h // h),
                                        max(1, i.shape[2] * small_w // w))).astype(np.float32) for i in layer.froms)
-    params = layer.params
+    params = shortcut_params(layer)
     if params.weights_type != WeightsType.NONE and weights is None:
         weights = rng.standard_normal(shortcut.weight_count(params.weights_type, len(froms), c)).astype(np.float32)
         weights[shortcut.weights_per_input(params.weights_type, c)] = -0.5
@@ -501,7 +509,7 @@ class Run:
     """One backend's run of one case: ``outcome`` is same, different, refused, failed or not run."""
 
     backend: str
-    dialect: str
+    dialect: str | None
     outcome: str
     detail: str = ""
     max_abs: float | None = None
@@ -698,12 +706,13 @@ ALEXEYAB_RUNTIMES = ("darknet-cpu", "darknet-gpu", "darknet-inference")
 
 def model_findings(network: Network, library: str, layers: list[FusionLayer]) -> dict[str, list[Finding]]:
     found: dict[str, list[Finding]] = {}
-    refused = next((layer for layer in layers if layer.alexeyab_refusal is not None), None)
+    refused = next(((layer.index, layer.alexeyab_refusal) for layer in layers if layer.alexeyab_refusal), None)
     if library == "pjreddie" and refused is not None:
+        index, error = refused
         for name in ALEXEYAB_RUNTIMES:
             found.setdefault(name, []).append(Finding(
-                refused.alexeyab_refusal.code, REFUSED, f"AlexeyAB's parser refuses the model at layer "
-                f"{refused.index} ({refused.alexeyab_refusal.code})", "spec/cfg.md#spatial-sizes"))
+                error.code, REFUSED, f"AlexeyAB's parser refuses the model at layer {index} ({error.code})",
+                "spec/cfg.md#spatial-sizes"))
     alexeyab_only = next((layer for layer in network.layers if layer.type in ALEXEYAB_ONLY), None)
     if alexeyab_only is not None:
         found.setdefault("pjreddie", []).append(Finding(
@@ -860,7 +869,7 @@ def render(report: ModelReport) -> str:
 
     notes = Notes()
     headers = ["layer", "type", "inputs", "features", "quirks", *(rt.label for rt in report.runtimes)]
-    rows = []
+    rows: list[list] = []
     for layer_report in report.layers:
         layer = layer_report.layer
         rows.append([layer.index, layer.type, _inputs_text(layer), _features_text(layer),

@@ -132,7 +132,12 @@ def test_yolov2_old_reorg_is_the_same_in_pjreddie_and_noted_as_not_space_to_dept
         dict.fromkeys(("darknet-cpu", "darknet-gpu", "darknet-inference", "pjreddie", "torch"), "same")
 
 
-@pytest.mark.parametrize("name", ["yolov3-tiny-prn.cfg", "yolov4.cfg", "efficientnet_b0.cfg"])
+#: Every model cfg with a [shortcut] that AlexeyAB's parser reads (resnet50's strided shortcuts it refuses).
+WEIGHTED_MODELS = [name for name in model_names() if name not in ("resnet50.cfg", "yolov2.cfg", "yolov4-tiny.cfg",
+                                                                   "yolov7-tiny.cfg", "yolov7.cfg")]
+
+
+@pytest.mark.parametrize("name", WEIGHTED_MODELS)
 def test_weighted_relu_variant_differs_on_the_gpu_and_at_inference_by_the_floor(name, runs):
     report = report_of(name, runs, weighted_variant(model_text(name), "per_channel", "relu"))
     shortcuts = [r for r in report.layers if r.layer.type == "shortcut"]
@@ -146,7 +151,7 @@ def test_weighted_relu_variant_differs_on_the_gpu_and_at_inference_by_the_floor(
         assert v["pjreddie"].verdict == "different" and "weights-ignored" in {f.code for f in v["pjreddie"].findings}
         assert v["opencv"].verdict == "different"
         assert v["torch"].verdict == "same" and ran(v["torch"], "torch") == "same"
-    assert report.model_findings["opencv"][0].code == "weights-shifted"
+    assert "weights-shifted" in {f.code for f in report.model_findings["opencv"]}
 
 
 def test_weighted_softmax_variant_is_the_same_on_every_alexeyab_path(runs):
