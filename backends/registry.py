@@ -21,6 +21,7 @@ ENTRY_POINT_GROUP = "darkspec.backends"
 BUILTIN = {
     "reference": "darkspec.backends.reference:ReferenceBackend",
     "torch": "darkspec.backends.torch_backend:TorchBackend",
+    "torch-compile": "darkspec.backends.torch_backend:TorchCompileBackend",
     "torch-cuda": "darkspec.backends.torch_backend:TorchCudaBackend",
     "darknet": "darkspec.backends.darknet:DarknetBackend",
     "cupy": "darkspec.backends.cupy_backend:CupyBackend",

@@ -5,7 +5,12 @@
 - ``dialect="exact"`` is plain autograd. The Darknet dialects run through :class:`DarknetShortcutFunction`, whose
   backward reproduces Darknet's activation gradients and its surrogate weight gradient (spec/shortcut.md).
 - :func:`darknet_update_` is Darknet's update rule for a training loop.
-- The forward writes into one preallocated output with in-place multiply-adds; the PRN rule is a slice of views.
+- The forward and the Darknet dialects' backward run block by block over channel planes (:func:`blocks`): each
+  block of the output stays in the cache while every input's block is added into it and the activation runs on it
+  in place, so each input is read once and the output written once, with no full-size temporary; the backward
+  reads the output's gradient once, writes each input's gradient once and sums delta*input per plane in the
+  input's dtype (the CPU dialect) in a fixed order. The PRN rule is a slice of views.
+- The reorg modules are reshape/permute/reshape of the flat buffer (no index is built).
 
 Sign convention: PyTorch gradients are dL/d(.), Darknet deltas are -dL/d(.); the modules speak PyTorch, the
 backend class converts at the NumPy boundary.
@@ -13,10 +18,15 @@ backend class converts at the NumPy boundary.
 
 from __future__ import annotations
 
+import math
+import os
+import shutil
+import time
+
 import numpy as np
 import torch
 
-from darkspec.backends.base import Backend, Prepared, capability_grid
+from darkspec.backends.base import REORG_DIALECT, Backend, Prepared, capability_grid
 from darkspec.errors import DarkspecError
 from darkspec.reference import reorg as reorg_reference
 from darkspec.reference.contract import NORMALIZATION_EPS, relu_floor_of, require_pass
@@ -134,13 +144,26 @@ DARKNET_FACTOR = {
     "swish": lambda y, x: y + torch.sigmoid(x) * (1 - y),
     "mish": _mish_factor,
 }
-#: In-place forms for a preallocated output (inference): no second full-size tensor.
+#: In-place forms with the same bits as FORWARD (tests/test_torch.py checks each): the blocked passes apply them to a
+#: block of the output while it is in the cache. The others run FORWARD on the block and copy it back.
 FORWARD_INPLACE = {
     "linear": lambda x: x,
-    "relu": lambda x: x.clamp_(min=0),
+    "leaky": lambda x: torch.nn.functional.leaky_relu_(x, 0.1),
+    "revleaky": lambda x: torch.nn.functional.leaky_relu_(x, 0.1),
+    "relie": lambda x: torch.nn.functional.leaky_relu_(x, 0.01),
+    # x > 0 ? x : 0, NaN included (threshold_ keeps NaN: the second pass, in the cache, zeroes it)
+    "relu": lambda x: torch.nn.functional.threshold_(x, 0.0, 0.0).nan_to_num_(0.0, math.inf, -math.inf),
     "logistic": torch.sigmoid_,
     "tanh": torch.tanh_,
 }
+
+
+def in_place_of(name: str, dialect: Dialect):
+    """The activation applied in place, as the dialect's Darknet computes it."""
+    forward = forward_of(name, dialect)
+    if forward is FORWARD[name] and name in FORWARD_INPLACE:
+        return FORWARD_INPLACE[name]
+    return lambda block: block.copy_(forward(block))
 
 
 #: The GPU kernel divides revleaky's delta by leaky's factor instead of multiplying.
@@ -185,9 +208,9 @@ def _per_element(what_row: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_sum(x: torch.Tensor, froms, what: torch.Tensor | None, out: torch.Tensor | None = None):
-    """x*what_0 + sum_i from_i*what_i, accumulated in place in one output (``out`` if given: reusing it spares the
-    allocation and its page faults); a from input reaches the first min(C, C_i) channels (the PRN rule for equal
-    spatial sizes) through slices of views, never padded copies."""
+    """x*what_0 + sum_i from_i*what_i, accumulated in place in one output (``out`` if given); a from input reaches
+    the first min(C, C_i) channels (the PRN rule for equal spatial sizes) through slices of views, never padded
+    copies. Differentiable (the ``exact`` dialect's autograd); :func:`fused_forward` computes the same bits."""
     channels = x.shape[1]
     if what is None and froms and froms[0].shape[1] >= channels:
         # the first full-width input in the same pass as the copy of x: one traversal less
@@ -207,6 +230,47 @@ def weighted_sum(x: torch.Tensor, froms, what: torch.Tensor | None, out: torch.T
     return out
 
 
+#: Elements per block of the blocked passes: an output block stays in the cache while every input's block is added
+#: into it and the activation runs on it, so that the output is written to memory once and each input read once.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def blocks(shape):
+    """(batch slice, first channel, end channel) blocks of about BLOCK_ELEMENTS covering an NCHW tensor, in order:
+    whole samples where they fit, else runs of channel planes of one sample."""
+    batch, channels = shape[0], shape[1]
+    plane = math.prod(shape[2:])
+    sample = channels * plane
+    if batch * sample <= BLOCK_ELEMENTS or plane == 0:
+        return [(slice(None), 0, channels)]
+    if sample <= BLOCK_ELEMENTS:
+        step = BLOCK_ELEMENTS // sample
+        return [(slice(n, n + step), 0, channels) for n in range(0, batch, step)]
+    step = max(1, BLOCK_ELEMENTS // plane)
+    return [(slice(n, n + 1), c, min(c + step, channels)) for n in range(batch) for c in range(0, channels, step)]
+
+
+def fused_forward(x, froms, what, out, activate_, pre=None):
+    """``out = act(weighted_sum(x, froms, what))`` block by block (the same bits as weighted_sum, then the activation):
+    each input is read once and the output written once. With ``pre``, the pre-activation is written there too."""
+    for batch, start, end in blocks(x.shape):
+        target = (out if pre is None else pre)[batch, start:end]
+        weighted_sum(x[batch, start:end], [f[batch, start:min(end, f.shape[1])] for f in froms if f.shape[1] > start],
+                     None if what is None else _block_weights(what, froms, start, end), target)
+        if pre is None:
+            activate_(target)
+        else:
+            out[batch, start:end].copy_(target)
+            activate_(out[batch, start:end])
+    return out
+
+
+def _block_weights(what, froms, start, end):
+    """The weights table of the slots that reach channels [start, end) (slot 0 and every from wider than start)."""
+    slots = [0] + [slot for slot, f in enumerate(froms, start=1) if f.shape[1] > start]
+    return what[slots, start:end] if what.shape[1] > 1 else what[slots]
+
+
 def _pjreddie_sum(x, add, alpha, beta):
     source, dest = pjreddie_index_map(tuple(add.shape), tuple(x.shape))
     out = x.clone()
@@ -217,31 +281,42 @@ def _pjreddie_sum(x, add, alpha, beta):
 class DarknetShortcutFunction(torch.autograd.Function):
     """The Darknet dialects' forward and backward: Darknet's activation gradient and surrogate weight gradient.
 
-    ``forward(ctx, settings, weights, x, *froms)``; ``settings`` is a :class:`_Settings`.
+    ``forward(ctx, settings, weights, x, *froms)``; ``settings`` is a :class:`_Settings`. It keeps the output for
+    the activation's gradient, and the pre-activation only where that gradient needs it (mish, swish).
     """
 
     @staticmethod
     def forward(ctx, settings, weights, x, *froms):
-        pre = settings.pre_activation(weights, x, froms)
-        out = forward_of(settings.params.activation, settings.dialect)(pre)
-        ctx.settings = settings
-        ctx.save_for_backward(weights if weights is not None else torch.empty(0), x, pre, out, *froms)
+        keep_pre = settings.params.activation in NEEDS_PRE_ACTIVATION or settings.dialect == Dialect.PJREDDIE
+        out, pre = settings.forward(weights, x, froms, keep_pre=keep_pre)
+        ctx.settings, ctx.kept_pre = settings, keep_pre
+        empty = torch.empty(0)
+        ctx.save_for_backward(weights if weights is not None else empty, x, pre if pre is not None else empty, out,
+                              *froms)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         settings = ctx.settings
         weights, x, pre, out, *froms = ctx.saved_tensors
-        g = grad_out * settings.activation_factor(out, pre)
+        pre = pre if ctx.kept_pre else None
         if settings.dialect == Dialect.PJREDDIE:
+            g = grad_out * settings.activation_factor(out, pre)
             return (None, None, *_pjreddie_grads(g, x, froms[0], settings.params))
         what = settings.what(weights) if weights.numel() else None
-        grads = _input_grads(g, [x, *froms], what)
+        grads, table = fused_backward(grad_out, out, pre, [x, *froms], what, settings)
         weight_grad = None
         if what is not None:
             factor = _surrogate_factor(what, settings.params.weights_normalization, settings.dialect)
-            weight_grad = (_delta_times_input(g, [x, *froms], what.shape[1]) * factor).reshape(-1)
+            per_weight = table.sum(dim=1) if what.shape[1] > 1 else table.sum(dim=(1, 2)).reshape(-1, 1)
+            weight_grad = (per_weight.to(grad_out.dtype) * factor).reshape(-1)
         return (None, weight_grad, *grads)
+
+
+#: Leaky-style steps (factor 1 where y > 0, else the slope): aten's leaky_relu_backward multiplies the same way.
+SLOPE_OF_STEP = {"leaky": 0.1, "revleaky": 0.1, "relie": 0.01}
+#: Activations whose Darknet gradient needs the pre-activation besides the output (DARKNET_FACTOR's x).
+NEEDS_PRE_ACTIVATION = frozenset({"mish", "swish"})
 
 
 def _pjreddie_grads(g, x, add, params):
@@ -251,31 +326,53 @@ def _pjreddie_grads(g, x, add, params):
     return params.alpha * g, grad_add
 
 
-def _input_grads(g, inputs, what):
-    """Each input's gradient: g*what_slot over the channels it reaches, zero elsewhere."""
-    channels = g.shape[1]
-    grads = []
-    for slot, source in enumerate(inputs):
-        grad = torch.zeros_like(source)
-        c = min(channels, source.shape[1])
-        term = g[:, :c]
-        if what is not None:
-            weight = _per_element(what[slot])
-            term = term * (weight if weight.shape[1] == 1 else weight[:, :c])
-        grad[:, :c] = term
-        grads.append(grad)
-    return grads
+def fused_backward(grad_out, out, pre, inputs, what, settings):
+    """Every input's gradient and the per-plane sums of delta*input, block by block: the output's gradient (and the
+    output, for the activation's gradient) read once, each input read once where there are weights, each input's
+    gradient written once, no full-size temporary. Returns (gradients, table[slot, n, c] of plane sums or None).
+
+    Without weights an input's gradient is the output's gradient after the activation's, zero past it (the PRN
+    rule); full-width inputs share that one tensor, as autograd's own gradient of a sum does. The plane sums are
+    reduced in the input's dtype on the CPU dialect, which adds the terms in the dtype (spec/shortcut.md), in float64
+    on the GPU one, as the reference does; each plane is summed whole and the planes are added in a fixed order."""
+    channels = grad_out.shape[1]
+    linear = settings.params.activation == "linear"
+    if what is None:
+        g = grad_out if linear else _blockwise_factor(grad_out, out, pre, settings)
+        return [g if s.shape[1] == channels else _prn_gradient(g, s) for s in inputs], None
+    grads = [torch.empty_like(s) if s.shape[1] <= channels else torch.zeros_like(s) for s in inputs]
+    accumulate = torch.float64 if settings.dialect == Dialect.DARKNET_GPU else grad_out.dtype
+    table = torch.zeros((len(inputs), grad_out.shape[0], channels), dtype=accumulate, device=grad_out.device)
+    for batch, start, end in blocks(grad_out.shape):
+        g = grad_out[batch, start:end]
+        if not linear:
+            g = settings.times_factor(g, out[batch, start:end], None if pre is None else pre[batch, start:end])
+        for slot, source in enumerate(inputs):
+            stop = min(end, source.shape[1])
+            if stop <= start:
+                continue
+            term, block = g[:, :stop - start], source[batch, start:stop]
+            weight = what[slot].reshape(1, -1, 1, 1)
+            torch.mul(term, weight if weight.shape[1] == 1 else weight[:, start:stop], out=grads[slot][batch, start:stop])
+            table[slot, batch, start:stop] = (term * block).flatten(2).sum(dim=2, dtype=accumulate)
+    return grads, table
 
 
-def _delta_times_input(g, inputs, per_input):
-    """sum over the elements of each weight of g*input: a [slot, k] table (k = channel, or one k for all)."""
-    channels = g.shape[1]
-    table = torch.zeros((len(inputs), channels), dtype=torch.float64, device=g.device)
-    for slot, source in enumerate(inputs):
-        c = min(channels, source.shape[1])
-        table[slot, :c] = (g[:, :c] * source[:, :c]).double().sum(dim=(0, 2, 3))
-    table = table if per_input == channels else table.sum(dim=1, keepdim=True)
-    return table.to(g.dtype)
+def _blockwise_factor(grad_out, out, pre, settings):
+    """grad_out times the activation's Darknet gradient, computed block by block into one new tensor."""
+    g = torch.empty_like(grad_out)
+    for batch, start, end in blocks(grad_out.shape):
+        settings.times_factor(grad_out[batch, start:end], out[batch, start:end],
+                              None if pre is None else pre[batch, start:end], into=g[batch, start:end])
+    return g
+
+
+def _prn_gradient(g, source):
+    """The gradient of an input of another width: g over the channels it reaches, zero past them."""
+    grad = torch.zeros_like(source)
+    c = min(g.shape[1], source.shape[1])
+    grad[:, :c] = g[:, :c]
+    return grad
 
 
 class _Settings:
@@ -285,15 +382,37 @@ class _Settings:
         self.params, self.dialect, self.n_from = params, dialect, n_from
 
     def pre_activation(self, weights, x, froms, out=None):
+        """The weighted sum before the activation, differentiable (autograd through it is the exact dialect)."""
         if self.dialect == Dialect.PJREDDIE:
             pre = _pjreddie_sum(x, froms[0], self.params.alpha, self.params.beta)
             return pre if out is None else out.copy_(pre)
         return weighted_sum(x, froms, self.what(weights), out)
 
+    def forward(self, weights, x, froms, out=None, keep_pre=False):
+        """(output, pre-activation or None): the activation applied to the weighted sum, blocked and in place where
+        the dialect allows, into ``out`` if given. Not differentiable."""
+        if self.dialect == Dialect.PJREDDIE:
+            pre = _pjreddie_sum(x, froms[0], self.params.alpha, self.params.beta)
+            result = forward_of(self.params.activation, self.dialect)(pre)
+            return (result if out is None else out.copy_(result)), pre
+        out = torch.empty_like(x) if out is None else out
+        pre = torch.empty_like(x) if keep_pre else None
+        fused_forward(x, froms, self.what(weights), out, in_place_of(self.params.activation, self.dialect), pre)
+        return out, pre
+
     def activation_factor(self, out, pre):
         """Darknet's gradient factor of the activation (the Darknet dialects)."""
         factors = GPU_DARKNET_FACTOR if self.dialect == Dialect.DARKNET_GPU else DARKNET_FACTOR
         return factors[self.params.activation](out, pre)
+
+    def times_factor(self, grad, out, pre, into=None):
+        """grad times the activation's Darknet gradient factor (into ``into`` if given): one kernel where PyTorch
+        has one with the same bits, else the product with :meth:`activation_factor`."""
+        slope = SLOPE_OF_STEP.get(self.params.activation)
+        if slope is not None and self.dialect != Dialect.DARKNET_GPU:
+            result = torch.ops.aten.leaky_relu_backward(grad, out, slope, True)
+            return result if into is None else into.copy_(result)
+        return torch.mul(grad, self.activation_factor(out, pre), out=into)
 
     def what(self, weights):
         if weights is None or not weights.numel():
@@ -333,11 +452,11 @@ class WeightedShortcut(torch.nn.Module):
         if x.shape[1] != self.channels:
             raise DarkspecError("x.shape", tuple(x.shape), f"{self.channels} channels", code="bad-shape")
         settings = self.settings()
-        if out is not None:
-            pre = settings.pre_activation(self.weight, x, froms, out)
-            if self.dialect != Dialect.PJREDDIE and self.params.activation in FORWARD_INPLACE:
-                return FORWARD_INPLACE[self.params.activation](pre)
-            return pre.copy_(forward_of(self.params.activation, self.dialect)(pre))
+        recording = torch.is_grad_enabled() and (x.requires_grad or any(f.requires_grad for f in froms)
+                                                 or self.weight is not None)
+        if not recording:
+            with torch.no_grad():
+                return settings.forward(self.weight, x, froms, out)[0]
         if self.dialect == Dialect.EXACT:
             return FORWARD[self.params.activation](settings.pre_activation(self.weight, x, froms))
         return DarknetShortcutFunction.apply(settings, self.weight, x, *froms)
@@ -361,30 +480,36 @@ class WeightedShortcut(torch.nn.Module):
         return end
 
 
-class _GatherReorg(torch.nn.Module):
-    """A reorg as one gather with the reference's index map; autograd's scatter is its exact inverse."""
+class _PermutedReorg(torch.nn.Module):
+    """A reorg as reshape/permute/reshape of the flat buffer, from the dims Darknet's reorg_cpu is handed (the
+    reference's plan): a gather (space to depth) or a scatter (depth to space). Autograd's backward is the inverse
+    permutation."""
 
-    old = False
+    variant = reorg_reference.REORG3D
 
     def __init__(self, stride: int, reverse: bool = False):
         super().__init__()
         self.stride, self.reverse = stride, reverse
 
     def forward(self, x):
-        shape = tuple(x.shape)
-        index = torch.from_numpy(reorg_reference.forward_gather_index(self.old, shape, self.stride, self.reverse))
-        out_rule = reorg_reference.reorg_old_output_shape if self.old else reorg_reference.reorg3d_output_shape
-        return x.reshape(-1)[index.to(x.device)].reshape(out_rule(shape, self.stride, self.reverse))
+        layer = reorg_reference.plan(self.variant, tuple(x.shape), self.stride, self.reverse)
+        (width, height, channels), s, batch = layer.dims, layer.stride, x.shape[0]
+        small = channels // (s * s)
+        if layer.forward_flag:  # scatter: x laid out as (b, dy, dx, c2, j, i)
+            permuted = x.reshape(batch, s, s, small, height, width).permute(0, 3, 4, 1, 5, 2)
+        else:  # gather: x laid out as (b, c2, j, dy, i, dx)
+            permuted = x.reshape(batch, small, height, s, width, s).permute(0, 3, 5, 1, 2, 4)
+        return permuted.reshape(layer.out_shape)
 
 
-class Reorg3d(_GatherReorg):
+class Reorg3d(_PermutedReorg):
     """``[reorg3d]``: space-to-depth (ONNX SpaceToDepth), or Darknet's reverse=1 (spec/reorg.md)."""
 
 
-class ReorgOld(_GatherReorg):
+class ReorgOld(_PermutedReorg):
     """The old ``[reorg]`` YOLOv2 was trained with (spec/reorg.md)."""
 
-    old = True
+    variant = reorg_reference.REORG_OLD
 
 
 # --- the update rule --------------------------------------------------------------------------------------------------
@@ -453,11 +578,18 @@ class TorchBackend(Backend):
                 module.weight.copy_(self._tensor(weights))
         return module
 
+    def _reorg_module(self, old: bool, stride, reverse) -> torch.nn.Module:
+        return (ReorgOld if old else Reorg3d)(stride, reverse)
+
+    def _callable(self, module: torch.nn.Module):
+        """What runs a module: the module itself (the torch-compile backend: the module under torch.compile)."""
+        return module
+
     def shortcut_forward(self, x, froms, weights, *, params, dialect, quirks=frozenset(), **_):
         x, froms, weights = self._checked("forward", x, froms, weights, params, dialect, quirks)
         module = self._module(x, froms, weights, params, dialect)
         with torch.no_grad():
-            return module(self._tensor(x), *(self._tensor(f) for f in froms)).cpu().numpy()
+            return self._callable(module)(self._tensor(x), *(self._tensor(f) for f in froms)).cpu().numpy()
 
     def shortcut_backward(self, x, froms, weights, delta, *, params, dialect, quirks=frozenset(), weight_updates=None,
                           **_):
@@ -473,7 +605,7 @@ class TorchBackend(Backend):
             FORWARD[params.activation](pre).backward(-delta_t)
             d = -pre.grad
         else:
-            module(*inputs).backward(-delta_t)
+            self._callable(module)(*inputs).backward(-delta_t)
             out = forward_of(params.activation, module.dialect)(pre.detach())
             d = delta_t * settings.activation_factor(out, pre.detach())
         updates = None
@@ -489,8 +621,8 @@ class TorchBackend(Backend):
         if op != "shortcut":
             if pass_ != "forward":
                 return None
-            module = (ReorgOld if op == "reorg" else Reorg3d)(settings["stride"], settings["reverse"])
-            return _prepared_call(lambda x: module(x), self._shared(inputs["x"]))
+            module = self._callable(self._reorg_module(op == "reorg", settings["stride"], settings["reverse"]))
+            return _prepared_call(module, self._shared(inputs["x"]))
         if pass_ == "update":
             weights, updates = self._tensor(inputs["weights"]), self._tensor(inputs["weight_updates"])
             return Prepared(lambda: darknet_update_(weights, updates, settings["hyper"], settings["dialect"]),
@@ -499,8 +631,10 @@ class TorchBackend(Backend):
         if pass_ == "forward":
             x, froms = self._shared(inputs["x"]), [self._shared(f) for f in inputs["froms"]]
             out = torch.empty_like(x)
-            return Prepared(torch.no_grad()(lambda: module(x, *froms, out=out)), lambda: out.cpu().numpy())
-        return _prepared_backward(module, [self._tensor(a, grad=True) for a in (inputs["x"], *inputs["froms"])],
+            run = self._callable(module)
+            return Prepared(torch.no_grad()(lambda: run(x, *froms, out=out)), lambda: out.cpu().numpy())
+        return _prepared_backward(module, self._callable(module),
+                                  [self._tensor(a, grad=True) for a in (inputs["x"], *inputs["froms"])],
                                   self._shared(inputs["delta"]), inputs["weight_updates"])
 
     def _shared(self, array):
@@ -514,14 +648,14 @@ class TorchBackend(Backend):
 
     def reorg_forward(self, x, stride, reverse, old):
         with torch.no_grad():
-            return (ReorgOld if old else Reorg3d)(stride, reverse)(self._tensor(x)).cpu().numpy()
+            return self._callable(self._reorg_module(old, stride, reverse))(self._tensor(x)).cpu().numpy()
 
     def reorg_backward(self, delta, stride, reverse, old, previous_delta):
         # The gradient of the gather is its inverse permutation: the previous delta is overwritten, as in Darknet.
         variant = reorg_reference.REORG_OLD if old else reorg_reference.REORG3D
         plan = reorg_reference.plan_from_output(variant, np.shape(delta), stride, reverse)  # the reference's refusals
         x = torch.zeros(plan.in_shape, dtype=self._tensor(delta).dtype, device=self.device, requires_grad=True)
-        (ReorgOld if old else Reorg3d)(stride, reverse)(x).backward(self._tensor(delta))
+        self._callable(self._reorg_module(old, stride, reverse))(x).backward(self._tensor(delta))
         return x.grad.cpu().numpy()
 
 
@@ -534,10 +668,11 @@ def _prepared_call(function, *args) -> Prepared:
     return Prepared(run, lambda: last["out"].cpu().numpy())
 
 
-def _prepared_backward(module, inputs, delta, weight_updates) -> Prepared:
-    """Autograd's gradient of every input and of the weights with ``delta`` as the output's gradient: Darknet's
-    input deltas and what it adds to the weight updates (delta is -dL/dy)."""
-    out = module(*inputs)
+def _prepared_backward(module, run, inputs, delta, weight_updates) -> Prepared:
+    """Autograd's gradient of every input and of the weights with ``delta`` as the output's gradient, on the graph of
+    ``run(*inputs)`` (the module, or its compiled form): Darknet's input deltas and what it adds to the weight
+    updates (delta is -dL/dy)."""
+    out = run(*inputs)
     leaves = inputs + ([module.weight] if module.weight is not None else [])
     last = {}
 
@@ -553,6 +688,78 @@ def _prepared_backward(module, inputs, delta, weight_updates) -> Prepared:
         return ShortcutGradients(delta=None, input_deltas=grads[:len(inputs)], weight_updates=updates)
 
     return Prepared(run, result)
+
+
+class TorchCompileBackend(TorchBackend):
+    """The same modules under ``torch.compile`` (inductor, on the CPU): does compiled code still conform?
+
+    Each configuration (op settings and dtype) is compiled once, with dynamic shapes, and its module reused with the
+    call's weights copied in; ``compile_seconds`` is the time spent in first calls, apart from the rest. It declares
+    float32 [shortcut] in darknet-cpu (forward and backward) and exact (forward), and both reorgs both ways.
+    """
+
+    name = "torch-compile"
+    SHORTCUT_DIALECTS = {Dialect.DARKNET_CPU.value: ("forward", "backward"), Dialect.EXACT.value: ("forward",)}
+
+    def __init__(self):
+        super().__init__("cpu")
+        self.name = "torch-compile"
+        self._compiled: dict = {}
+        self.compile_seconds = 0.0
+
+    def availability(self):
+        compiler = os.environ.get("CXX", "g++")
+        if shutil.which(compiler) is None:
+            return f"torch.compile's inductor needs a C++ compiler on the CPU: {compiler} is not on PATH (set CXX)"
+        return None
+
+    def capabilities(self):
+        return capability_grid({"shortcut": tuple(self.SHORTCUT_DIALECTS)}, ("float32",), passes=self.SHORTCUT_DIALECTS) \
+            | capability_grid({"reorg3d": (REORG_DIALECT,), "reorg": (REORG_DIALECT,)}, ("float32",))
+
+    def version(self):
+        return f"torch {torch.__version__} (torch.compile, inductor, cpu)"
+
+    def _module(self, x, froms, weights, params, dialect):
+        fresh = super()._module(x, froms, weights, params, dialect)
+        key = ("shortcut", fresh.params, fresh.dialect, fresh.n_from, fresh.channels, fresh.weight is None,
+               np.dtype(x.dtype).name)
+        cached = self._compiled.setdefault(key, _Compiled(fresh)).module
+        if cached.weight is not None:
+            with torch.no_grad():
+                cached.weight.copy_(fresh.weight)
+            cached.weight.grad = None
+        return cached
+
+    def _reorg_module(self, old, stride, reverse):
+        return self._compiled.setdefault(("reorg", old, stride, bool(reverse)),
+                                         _Compiled(super()._reorg_module(old, stride, reverse))).module
+
+    def _callable(self, module):
+        entry = next(e for e in self._compiled.values() if e.module is module)
+        return entry.timed(self)
+
+
+class _Compiled:
+    """A module and its torch.compile form; the first call's time is the compile's. Every module of a class shares
+    the code of its forward, which dynamo counts against one recompile limit: calls raise it for this backend's
+    configurations and fail rather than fall back to eager unnoticed."""
+
+    def __init__(self, module):
+        self.module, self.compiled, self.first = module, torch.compile(module, dynamic=True), True
+
+    def timed(self, backend: "TorchCompileBackend"):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                with torch._dynamo.config.patch(recompile_limit=1 << 16, fail_on_recompile_limit_hit=True):
+                    return self.compiled(*args, **kwargs)
+            finally:
+                if self.first:
+                    self.first = False
+                    backend.compile_seconds += time.perf_counter() - start
+
+        return call
 
 
 class TorchCudaBackend(TorchBackend):

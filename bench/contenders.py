@@ -355,6 +355,7 @@ def load_darknet():
 
 
 def compiled_module_cache_reset(torch) -> None:
-    """Every case compiles afresh: dynamo's per-function cache would otherwise fill up and fall back to eager."""
+    """Every case compiles afresh: dynamo's per-function cache would otherwise fill up and fall back to eager (a
+    backend's compiled modules then compile again at their first call of the case, which is not timed)."""
     if torch is not None and "torch._dynamo" in sys.modules:
         torch._dynamo.reset()

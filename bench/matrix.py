@@ -6,6 +6,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,6 +34,11 @@ def expected_result(case: Case, dialect: str, inputs: dict) -> dict:
     return cont.named(cont.numpy_call(REFERENCE, case, dialect, inputs)(), case.pass_)
 
 
+#: Activations whose gradient jumps at a pre-activation of 0: there, two implementations that round the weighted sum
+#: differently may fall on either side, so the deltas of those elements are not compared.
+KINKED_AT_ZERO = ("leaky", "relu")
+
+
 def first_problem(case: Case, inputs: dict, expected: dict, actual: dict) -> str | None:
     """The first array of the contender's result that differs from the reference's beyond the conformance suite's
     tolerance (permutations: bit-exact); every array a pass produces must be there but the delta after the
@@ -46,6 +52,11 @@ def first_problem(case: Case, inputs: dict, expected: dict, actual: dict) -> str
     arrays = [a for a in inputs.values() if isinstance(a, np.ndarray)] + list(inputs.get("froms") or [])
     dtype = next(iter(expected.values())).dtype
     tolerance = tolerance_for(dtype, largest_magnitude(*arrays, *expected.values()))
+    at_kink = None
+    if case.pass_ == "backward" and case.activation in KINKED_AT_ZERO:
+        linear = replace(case, pass_="forward", activation="linear")
+        pre = cont.numpy_call(REFERENCE, linear, "darknet-cpu", inputs)()
+        at_kink = np.abs(pre) <= tolerance.atol
     for name, want in expected.items():
         if name not in actual:
             continue
@@ -53,7 +64,8 @@ def first_problem(case: Case, inputs: dict, expected: dict, actual: dict) -> str
         if name == "weight_updates" and case.pass_ == "backward":
             own = sum_tolerance(dtype, inputs["delta"], [inputs["x"], *inputs["froms"]], inputs["weight_updates"],
                                 want)
-        comparison = compare(name, want, np.asarray(actual[name]), own)
+        undefined = at_kink if at_kink is not None and want.shape == at_kink.shape else None
+        comparison = compare(name, want, np.asarray(actual[name]), own, undefined=undefined)
         if not comparison.passed:
             return comparison.describe()
     return None
@@ -210,6 +222,7 @@ def run_case(case: Case, shape, dtype, backends, profile: Profile, torch, compil
     per_set = set_bytes(case, shape, dtype)
     count = rotation_sets(per_set, profile, llc)
     sets = make_sets(case, shape, dtype, count, rng)
+    cont.compiled_module_cache_reset(torch or sys.modules.get("torch"))
     contenders = []
     for backend in backends:
         capability = cont.capability_for(backend, case, dtype, shape)
@@ -225,7 +238,6 @@ def run_case(case: Case, shape, dtype, backends, profile: Profile, torch, compil
     if not contenders:
         return []
     if torch is not None:
-        cont.compiled_module_cache_reset(torch)
         contenders += cont.torch_baselines(torch, case, shape, sets, compile_baseline)
     if darknet_functions is not None:
         found = darknet_functions.contender(case, shape, dtype, sets)

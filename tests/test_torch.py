@@ -5,6 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the torch backend needs PyTorch (pip install darkspec[oracles])")
 
+from darkspec.backends import torch_backend  # noqa: E402
 from darkspec.backends.torch_backend import (  # noqa: E402
     FORWARD,
     Reorg3d,
@@ -12,11 +13,15 @@ from darkspec.backends.torch_backend import (  # noqa: E402
     TorchBackend,
     WeightedShortcut,
     darknet_update_,
+    forward_of,
+    in_place_of,
 )
+from darkspec.conformance.compare import Tolerance, compare  # noqa: E402
 from darkspec.conformance.report import cell  # noqa: E402
 from darkspec.conformance.suite import run_suite  # noqa: E402
 from darkspec.errors import DarkspecError  # noqa: E402
 from darkspec.reference import reorg, shortcut  # noqa: E402
+from darkspec.reference.dialects import Dialect  # noqa: E402
 from darkspec.reference.shortcut import ShortcutParams, UpdateParams  # noqa: E402
 
 from conftest import GOLDEN  # noqa: E402
@@ -167,3 +172,94 @@ def test_a_quirk_it_cannot_reproduce_is_refused():
         TorchBackend().shortcut_forward(x, [x], None, params=ShortcutParams(), dialect="darknet-cpu",
                                         quirks=["no-such-quirk"])
     assert raised.value.code == "unknown-quirk"
+
+
+# --- the blocked passes compute what the plain formulas compute, bit for bit ------------------------------------------
+
+SPECIAL = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-30, -1e-30, 1.0, -1.0, 6.0, 4.0,
+                        -4.0, 0.5, 2.5, 3.0, -2.5])
+
+
+@pytest.mark.parametrize("name", sorted(FORWARD))
+@pytest.mark.parametrize("dialect", [Dialect.DARKNET_CPU, Dialect.PJREDDIE])
+def test_each_in_place_activation_has_the_bits_of_its_formula(name, dialect):
+    values = torch.cat([SPECIAL, torch.randn(4096, generator=torch.Generator().manual_seed(5)) * 8])
+    for dtype in (torch.float32, torch.float64):
+        x = values.to(dtype)
+        expected = forward_of(name, dialect)(x.clone())
+        got = in_place_of(name, dialect)(x.clone())
+        nan = expected.isnan()
+        assert torch.equal(got.isnan(), nan), name
+        assert torch.equal(got[~nan], expected[~nan]), name
+        assert torch.equal(torch.signbit(got[~nan]), torch.signbit(expected[~nan])), name
+
+
+PIECEWISE_LINEAR = ("linear", "leaky", "relu6")
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 40 elements: every input below spans many blocks, within and across channel planes."""
+    monkeypatch.setattr(torch_backend, "BLOCK_ELEMENTS", 40)
+
+
+@pytest.mark.parametrize("weights_type, normalization", [("none", "none"), ("per_feature", "relu"),
+                                                         ("per_channel", "softmax")])
+@pytest.mark.parametrize("activation", ["linear", "leaky", "mish", "logistic", "relu6"])
+def test_the_blocked_forward_is_the_plain_formula(small_blocks, weights_type, normalization, activation):
+    x = torch.randn(2, 3, 5, 3, generator=torch.Generator().manual_seed(2))
+    froms = [torch.randn(2, c, 5, 3, generator=torch.Generator().manual_seed(c)) for c in (5, 2, 3)]
+    module = WeightedShortcut(3, 3, weights_type, normalization, activation)
+    if module.weight is not None:
+        with torch.no_grad():
+            module.weight.copy_(torch.linspace(-0.5, 1.5, module.weight.numel()))
+    settings = module.settings()
+    expected = FORWARD[activation](settings.pre_activation(module.weight, x, froms)).detach()
+    with torch.no_grad():
+        plain = module(x, *froms)
+        out = torch.empty_like(x)
+        assert module(x, *froms, out=out) is out
+    for got in (plain, out, module(x, *froms).detach()):  # the last through the autograd function
+        if activation in PIECEWISE_LINEAR:
+            assert torch.equal(got, expected)
+        else:  # a transcendental one rounds by vector lane or scalar tail, which block boundaries move: the
+            # conformance tolerance (4 ulp, spec/tolerances.md)
+            comparison = compare("output", expected.numpy(), got.numpy(), Tolerance(ulps=4))
+            assert comparison.passed, comparison.describe()
+
+
+@pytest.mark.parametrize("dialect", ["darknet-cpu", "darknet-gpu"])
+@pytest.mark.parametrize("weights_type, normalization, activation", [
+    ("none", "none", "linear"), ("none", "none", "mish"), ("per_feature", "relu", "leaky"),
+    ("per_channel", "softmax", "logistic"), ("per_channel", "none", "swish")])
+def test_the_blocked_backward_is_the_reference_and_deterministic(small_blocks, dialect, weights_type, normalization,
+                                                                 activation):
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 5, 3, generator=generator, dtype=torch.float64)
+    froms = [torch.randn(2, c, 5, 3, generator=generator, dtype=torch.float64) for c in (5, 2)]
+    delta = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    module = WeightedShortcut(2, 3, weights_type, normalization, activation, dialect).double()
+    if module.weight is not None:
+        with torch.no_grad():
+            module.weight.copy_(torch.linspace(-0.5, 1.5, module.weight.numel(), dtype=torch.float64))
+    inputs = [t.clone().requires_grad_() for t in (x, *froms)]
+    leaves = inputs + ([module.weight] if module.weight is not None else [])
+    out = module(*inputs)
+    first = torch.autograd.grad(out, leaves, delta, retain_graph=True)
+    again = torch.autograd.grad(out, leaves, delta)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    params = ShortcutParams(weights_type, normalization, activation)
+    weights = None if module.weight is None else module.weight.detach().numpy()
+    expected = shortcut.backward(x.numpy(), [f.numpy() for f in froms], weights, delta.numpy(), params, dialect)
+    for got, want in zip(first, expected.input_deltas):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
+    if weights is not None:
+        np.testing.assert_allclose(first[-1].numpy(), expected.weight_updates, rtol=1e-12, atol=1e-12)
+
+
+def test_blocks_cover_the_tensor_once_in_order(small_blocks):
+    for shape in ((1, 3, 2, 2), (4, 2, 2, 2), (2, 3, 5, 3), (3, 100, 1, 1), (1, 2, 9, 9)):
+        covered = torch.zeros(shape, dtype=torch.int64)
+        for batch, start, end in torch_backend.blocks(shape):
+            covered[batch, start:end] += 1
+        assert torch.equal(covered, torch.ones_like(covered)), shape
