@@ -704,7 +704,9 @@ class TorchCompileBackend(TorchBackend):
     def __init__(self):
         super().__init__("cpu")
         self.name = "torch-compile"
-        self._compiled: dict = {}
+        self._reused: dict = {}  # configuration -> its module, for the NumPy API's calls
+        self._compiled: dict = {}  # id(module) -> _Compiled
+        self._preparing = False
         self.compile_seconds = 0.0
 
     def availability(self):
@@ -720,24 +722,33 @@ class TorchCompileBackend(TorchBackend):
     def version(self):
         return f"torch {torch.__version__} (torch.compile, inductor, cpu)"
 
+    def prepare(self, op, pass_, inputs, settings):
+        """Each prepared call keeps its own module (its own weights); they share the compiled code's caches."""
+        self._preparing = True
+        try:
+            return super().prepare(op, pass_, inputs, settings)
+        finally:
+            self._preparing = False
+
     def _module(self, x, froms, weights, params, dialect):
         fresh = super()._module(x, froms, weights, params, dialect)
+        if self._preparing:
+            return fresh
         key = ("shortcut", fresh.params, fresh.dialect, fresh.n_from, fresh.channels, fresh.weight is None,
                np.dtype(x.dtype).name)
-        cached = self._compiled.setdefault(key, _Compiled(fresh)).module
-        if cached.weight is not None:
+        reused = self._reused.setdefault(key, fresh)
+        if reused.weight is not None:
             with torch.no_grad():
-                cached.weight.copy_(fresh.weight)
-            cached.weight.grad = None
-        return cached
+                reused.weight.copy_(fresh.weight)
+            reused.weight.grad = None
+        return reused
 
     def _reorg_module(self, old, stride, reverse):
-        return self._compiled.setdefault(("reorg", old, stride, bool(reverse)),
-                                         _Compiled(super()._reorg_module(old, stride, reverse))).module
+        return self._reused.setdefault(("reorg", old, stride, bool(reverse)),
+                                       super()._reorg_module(old, stride, reverse))
 
     def _callable(self, module):
-        entry = next(e for e in self._compiled.values() if e.module is module)
-        return entry.timed(self)
+        return self._compiled.setdefault(id(module), _Compiled(module)).timed(self)
 
 
 class _Compiled:
