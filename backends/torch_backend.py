@@ -353,7 +353,7 @@ def fused_backward(grad_out, out, pre, inputs, what, settings):
                 continue
             term, block = g[:, :stop - start], source[batch, start:stop]
             weight = what[slot].reshape(1, -1, 1, 1)
-            torch.mul(term, weight if weight.shape[1] == 1 else weight[:, start:stop], out=grads[slot][batch, start:stop])
+            grads[slot][batch, start:stop] = term * (weight if weight.shape[1] == 1 else weight[:, start:stop])
             table[slot, batch, start:stop] = (term * block).flatten(2).sum(dim=2, dtype=accumulate)
     return grads, table
 
@@ -744,8 +744,27 @@ class TorchCompileBackend(TorchBackend):
         return reused
 
     def _reorg_module(self, old, stride, reverse):
-        return self._reused.setdefault(("reorg", old, stride, bool(reverse)),
-                                       super()._reorg_module(old, stride, reverse))
+        key = ("reorg", old, type(stride), stride, type(reverse), reverse)  # a bad setting is refused, not mapped
+        return self._reused.setdefault(key, super()._reorg_module(old, stride, reverse))
+
+    def _checked(self, pass_, x, froms, weights, params, dialect, quirks):
+        self._refuse_undeclared_dtype(x)
+        return super()._checked(pass_, x, froms, weights, params, dialect, quirks)
+
+    def reorg_forward(self, x, stride, reverse, old):
+        self._refuse_undeclared_dtype(x)
+        return super().reorg_forward(x, stride, reverse, old)
+
+    def reorg_backward(self, delta, stride, reverse, old, previous_delta):
+        self._refuse_undeclared_dtype(delta)
+        return super().reorg_backward(delta, stride, reverse, old, previous_delta)
+
+    @staticmethod
+    def _refuse_undeclared_dtype(array):
+        dtype = np.asarray(array).dtype
+        if dtype != np.float32:
+            raise DarkspecError("dtype", str(dtype), "float32 (what the torch-compile backend declares)",
+                                code="bad-dtype")
 
     def _callable(self, module):
         return self._compiled.setdefault(id(module), _Compiled(module)).timed(self)
