@@ -152,7 +152,7 @@ FORWARD_INPLACE = {
     "revleaky": lambda x: torch.nn.functional.leaky_relu_(x, 0.1),
     "relie": lambda x: torch.nn.functional.leaky_relu_(x, 0.01),
     # x > 0 ? x : 0, NaN included (threshold_ keeps NaN: the second pass, in the cache, zeroes it)
-    "relu": lambda x: torch.nn.functional.threshold_(x, 0.0, 0.0).nan_to_num_(0.0, math.inf, -math.inf),
+    "relu": lambda x: torch.threshold_(x, 0.0, 0.0).nan_to_num_(0.0, math.inf, -math.inf),
     "logistic": torch.sigmoid_,
     "tanh": torch.tanh_,
 }
@@ -668,11 +668,11 @@ def _prepared_call(function, *args) -> Prepared:
     return Prepared(run, lambda: last["out"].cpu().numpy())
 
 
-def _prepared_backward(module, run, inputs, delta, weight_updates) -> Prepared:
+def _prepared_backward(module, forward, inputs, delta, weight_updates) -> Prepared:
     """Autograd's gradient of every input and of the weights with ``delta`` as the output's gradient, on the graph of
-    ``run(*inputs)`` (the module, or its compiled form): Darknet's input deltas and what it adds to the weight
+    ``forward(*inputs)`` (the module, or its compiled form): Darknet's input deltas and what it adds to the weight
     updates (delta is -dL/dy)."""
-    out = run(*inputs)
+    out = forward(*inputs)
     leaves = inputs + ([module.weight] if module.weight is not None else [])
     last = {}
 
@@ -716,8 +716,9 @@ class TorchCompileBackend(TorchBackend):
         return None
 
     def capabilities(self):
-        return capability_grid({"shortcut": tuple(self.SHORTCUT_DIALECTS)}, ("float32",), passes=self.SHORTCUT_DIALECTS) \
-            | capability_grid({"reorg3d": (REORG_DIALECT,), "reorg": (REORG_DIALECT,)}, ("float32",))
+        shortcut = capability_grid({"shortcut": tuple(self.SHORTCUT_DIALECTS)}, ("float32",),
+                                   passes=self.SHORTCUT_DIALECTS)
+        return shortcut | capability_grid({"reorg3d": (REORG_DIALECT,), "reorg": (REORG_DIALECT,)}, ("float32",))
 
     def version(self):
         return f"torch {torch.__version__} (torch.compile, inductor, cpu)"
