@@ -157,7 +157,15 @@ class Darknet:
     def __init__(self, library: str, header: str):
         # Its own symbols first: else glibc's error(3) would stand in for Darknet's error() (as it does when the
         # global scope is searched first), and Darknet would stop with a made-up exit status and message.
-        self.lib = ctypes.CDLL(library, mode=ctypes.DEFAULT_MODE | os.RTLD_DEEPBIND)
+        # A build with -Ofast (Debian's) turns on flush-to-zero when loaded: kept off, so that Darknet's formulas are
+        # compared with IEEE arithmetic (a subnormal output read as 0 took lhtan's 0.001 branch).
+        libm = ctypes.CDLL("libm.so.6")
+        environment = ctypes.create_string_buffer(256)  # at least sizeof(fenv_t)
+        libm.fegetenv(environment)
+        try:
+            self.lib = ctypes.CDLL(library, mode=ctypes.DEFAULT_MODE | os.RTLD_DEEPBIND)
+        finally:
+            libm.fesetenv(environment)
         self.header = Header.read(Path(header).read_text(errors="replace"))
         self.api = api_of(self.lib)
         self.Layer = self.header.struct("layer")

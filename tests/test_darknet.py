@@ -23,7 +23,7 @@ from darkspec.conformance import strategies
 from darkspec.conformance.compare import Tolerance, compare, largest_magnitude, tolerance_for
 from darkspec.conformance.vectors import FAIL, PASS, replay, run_vectors
 from darkspec.errors import DarkspecError
-from darkspec.reference import activations
+from darkspec.reference import activations, shortcut
 from darkspec.reference.cfg import DELIBERATE_DIFFERENCES
 from darkspec.reference.network import parse_network
 from darkspec.reference.shortcut import ShortcutParams
@@ -385,3 +385,14 @@ def test_live_darknet_refuses_every_bad_call_with_the_specs_code(darknet):
     for capability in sorted(darknet.capabilities()):
         result = run_refusals(guarded, capability)
         assert result.examples and result.passed, (capability.label(), result.first_failure)
+
+
+def test_a_subnormal_output_is_not_flushed_to_zero(pjreddie):
+    """Debian's -Ofast libdarknet.so turns on flush-to-zero when loaded; the worker keeps IEEE arithmetic, so a
+    subnormal output (0.5 * the smallest normal float) keeps lhtan's slope 1, as the reference's."""
+    x = np.full((1, 1, 1, 1), np.finfo(np.float32).tiny, np.float32)
+    froms, delta = [np.zeros_like(x)], np.full_like(x, 1.1)
+    params = ShortcutParams(activation="lhtan", alpha=0.5, beta=0.25)
+    expected = shortcut.backward(x, froms, None, delta, params, "pjreddie")
+    actual = pjreddie.shortcut_backward(x, froms, None, delta, params=params, dialect="pjreddie")
+    np.testing.assert_array_equal(actual.delta, expected.delta)
